@@ -1,0 +1,156 @@
+"""A model directory's safetensors (single file or sharded with an index), read into official names.
+
+`Checkpoint` maps every tensor lazily; `load_weights` checks names and shapes against the config and
+returns float32 arrays keyed by official name. float32 tensors stay zero-copy views of the file map;
+bf16/fp16 are widened once; fused transformers expert tensors become per-expert views.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import names
+from .config import ModelConfig
+from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo
+
+INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            for fname in sorted(set(weight_map.values())):
+                if not (self.dir / fname).is_file():
+                    raise CheckpointError(f"{index}: names shard {fname!r}, which does not exist in {self.dir}")
+                self.files[fname] = SafetensorsFile(self.dir / fname)
+            for tname, fname in weight_map.items():
+                if tname not in self.files[fname].tensors:
+                    raise CheckpointError(f"{index}: tensor {tname!r} is listed in {fname}, which does not hold it")
+                self.where[tname] = fname
+        else:
+            shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.dir}: no *.safetensors files and no {INDEX}")
+            for fname in shards:
+                f = SafetensorsFile(self.dir / fname)
+                self.files[fname] = f
+                for tname in f.tensors:
+                    if tname in self.where:
+                        raise CheckpointError(f"{self.dir}: tensor {tname!r} appears in both "
+                                              f"{self.where[tname]} and {fname}")
+                    self.where[tname] = fname
+        self.hf_naming = any(names.is_hf_name(n) for n in self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.files[self.where[name]].tensors[name]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.files[self.where[name]].get(name)
+
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self.where)
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+class Weights(dict):
+    """Official name -> array. Routed experts are stored per expert under their official names."""
+
+    mtp_enabled: bool = False
+
+
+def _resolve_names(ckpt: Checkpoint) -> dict[str, tuple[str, object]]:
+    """official name -> (checkpoint name, selector). selector: None, or (expert, 'w1'|'w3'|'w2') in a fused tensor."""
+    out: dict[str, tuple[str, object]] = {}
+    for cname in ckpt:
+        if not ckpt.hf_naming or cname.startswith("mtp."):
+            out[cname] = (cname, None)
+            continue
+        fused = names.hf_fused_experts(cname)
+        if fused is not None:
+            layer, kind = fused
+            E = ckpt.info(cname).shape[0]
+            for e in range(E):
+                for w in (("w1", "w3") if kind == "gate_up_proj" else ("w2",)):
+                    out[names.expert_name(f"layers.{layer}", e, w)] = (cname, (e, w))
+            continue
+        off = names.hf_to_official(cname)
+        if off is not None:
+            out[off] = (cname, None)
+    return out
+
+
+def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
+    """Check every expected tensor exists with the right shape; return float32 weights by official name."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    resolved = _resolve_names(ckpt)
+    w = Weights()
+    mtp_present = any(n.startswith("mtp.") for n in resolved)
+    w.mtp_enabled = cfg.n_mtp_layers > 0 and mtp_present
+    fused_cache: dict[str, np.ndarray] = {}
+
+    def shown(name: str, cname: str) -> str:
+        return name if cname == name else f"{name} (stored as {cname})"
+
+    for name, shape, kind in names.expected_tensors(cfg, with_mtp=w.mtp_enabled):
+        if name not in resolved:
+            hf = names.official_to_hf(name) if ckpt.hf_naming else None
+            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}" + (f" (transformers name {hf!r})" if hf else ""))
+        cname, sel = resolved[name]
+        info = ckpt.info(cname)
+        if sel is None:
+            if info.shape != shape:
+                raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} has shape {list(info.shape)}, "
+                                      f"expected {list(shape)}")
+            arr = ckpt.get(cname)
+            if kind == "f" and info.dtype not in ("F64", "F32", "F16", "BF16"):
+                raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} is stored as {info.dtype}; "
+                                      f"quantized release formats are not readable yet")
+            w[name] = arr.astype(np.int64) if kind == "i" else _float32(arr)
+            continue
+        e, which = sel
+        I, d = cfg.moe_inter_dim, cfg.dim
+        want = (cfg.n_routed_experts, 2 * I, d) if which in ("w1", "w3") else (cfg.n_routed_experts, d, I)
+        if info.shape != want:
+            raise CheckpointError(f"{info.file}: tensor {cname!r} has shape {list(info.shape)}, expected {list(want)}")
+        if cname not in fused_cache:
+            fused_cache[cname] = _float32(ckpt.get(cname))
+        full = fused_cache[cname]
+        w[name] = full[e, :I] if which == "w1" else full[e, I:] if which == "w3" else full[e]
+
+    tid_names = [n for n in w if n.endswith("gate.tid2eid")]
+    for n in tid_names:
+        t = w[n]
+        if t.size and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
+            raise CheckpointError(f"{ckpt.dir}: tensor {n!r} routes to expert {int(t.max())} outside "
+                                  f"[0, {cfg.n_routed_experts})")
+    expected = {n for n, _, _ in names.expected_tensors(cfg, with_mtp=True)}
+    extra = [n for n in resolved if n not in expected]
+    unmapped = [c for c in ckpt if c not in {v[0] for v in resolved.values()}]
+    if extra or unmapped:
+        sample = (extra + unmapped)[:3]
+        log(f"note: {len(extra) + len(unmapped)} checkpoint tensors are not used by the model (e.g. {sample})")
+    if cfg.n_mtp_layers and not w.mtp_enabled:
+        log("note: config declares MTP layers but the checkpoint has no mtp.* tensors; MTP is off")
+    return w

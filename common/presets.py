@@ -1,0 +1,39 @@
+"""Random weights for the bundled presets (tiny, bench-small): a model that runs with no download.
+
+Initialisation is scaled so activations stay O(1) through every layer (fan-in scaling for
+projections, norms near one, non-trivial mHC, ape, sinks and router biases), which keeps the
+random model's arithmetic representative of a trained one for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Weights
+from .config import ModelConfig
+from .names import expected_tensors
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True) -> Weights:
+    rng = np.random.default_rng(seed)
+    w = Weights()
+    w.mtp_enabled = with_mtp and cfg.n_mtp_layers > 0
+    for name, shape, kind in expected_tensors(cfg, with_mtp=w.mtp_enabled):
+        leaf = name.rsplit(".", 1)[-1] if not name.endswith(".weight") else name.rsplit(".", 2)[-2]
+        if kind == "i":  # tid2eid: k distinct experts per token
+            keys = rng.random((shape[0], cfg.n_routed_experts), dtype=np.float32)
+            w[name] = np.argsort(keys, axis=1)[:, : shape[1]].astype(np.int64)
+        elif len(shape) == 1 and ("norm" in leaf or leaf.endswith("norm")):
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif leaf.endswith("_scale"):
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif leaf.endswith("_base") or leaf in ("ape", "attn_sink"):
+            w[name] = (0.5 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif leaf == "bias":
+            w[name] = (0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif name == "embed.weight":
+            w[name] = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            std = np.float32(1.0 / np.sqrt(shape[-1]))
+            w[name] = rng.standard_normal(shape, dtype=np.float32) * std
+    return w

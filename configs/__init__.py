@@ -1,0 +1,1 @@
+"""YAML presets (models) shipped with the package."""

@@ -1,0 +1,290 @@
+"""NumPy reference kernels: the CPU backend and the golden semantics of the op contract.
+
+Everything computes in float32, like the official reference (which upcasts activations to fp32 for
+norms, mHC, compressor, gating and SwiGLU). Kernels stay readable; the few places that chunk or
+sort do so to bound memory and to avoid per-token Python loops, not to change the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .contract import ExpertWeights
+
+F32 = np.float32
+_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+# query rows per attention block: bounds the [rows, heads, keys] score buffer on long prompts
+ATTN_BLOCK = 256
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # tanh form: no overflow for large |x|
+    return (np.tanh(x * F32(0.5)) + F32(1.0)) * F32(0.5)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x * _sigmoid(x)
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(F32(0.0), x).astype(F32, copy=False)
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def dense(w: Any) -> np.ndarray:
+    """A float32 [N, K] view of a weight: plain arrays pass through, quantized weights dequantize."""
+    if isinstance(w, np.ndarray):
+        return w
+    return w.dequantize()
+
+
+class NumpyBackend:
+    """The CPU reference backend (`--backend cpu`)."""
+
+    name = "cpu"
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def from_numpy(self, a: Any) -> np.ndarray:
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and a.dtype != F32:
+            a = a.astype(F32)
+        return a
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+        return np.zeros(shape, dtype=_DTYPES[dtype])
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: str = "float32") -> np.ndarray:
+        return np.full(shape, value, dtype=_DTYPES[dtype])
+
+    def cat(self, xs: list[np.ndarray], axis: int = 0) -> np.ndarray:
+        return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=axis)
+
+    def arange(self, start: int, stop: int) -> np.ndarray:
+        return np.arange(start, stop, dtype=np.int64)
+
+    # ---- dense math ----------------------------------------------------------------------------
+    def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        return np.asarray(table[ids], dtype=F32)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True)
+        y = x * (F32(1.0) / np.sqrt(ms + F32(eps)))
+        if weight is not None:
+            y *= weight
+        return y
+
+    def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
+        if not isinstance(w, np.ndarray):
+            return w.matmul(x)  # quantized weights carry their own kernel (same arithmetic as the NPU)
+        return x @ w.T
+
+    def grouped_linear(self, x: np.ndarray, w: Any) -> np.ndarray:
+        T, G, K = x.shape
+        wd = dense(w).reshape(G, -1, K)
+        # [G, T, K] @ [G, K, N] -> [G, T, N]
+        y = np.matmul(x.transpose(1, 0, 2), wd.transpose(0, 2, 1))
+        return y.transpose(1, 0, 2)
+
+    def rope_freqs(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ang = positions.astype(F32)[:, None] * inv_freq.astype(F32)[None, :]
+        return np.cos(ang), np.sin(ang)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False) -> np.ndarray:
+        half = cos.shape[-1]
+        shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (half,)
+        c, s = cos.reshape(shape), sin.reshape(shape)
+        if inverse:
+            s = -s
+        y = x.copy()
+        r = x[..., -2 * half:]
+        x0, x1 = r[..., 0::2], r[..., 1::2]
+        y[..., -2 * half::2] = x0 * c - x1 * s
+        y[..., -2 * half + 1::2] = x0 * s + x1 * c
+        return y
+
+    # ---- mHC ---------------------------------------------------------------------------------
+    def _hc_mixes(self, x: np.ndarray, fn: np.ndarray, norm_eps: float) -> np.ndarray:
+        T = x.shape[0]
+        xf = x.reshape(T, -1)
+        r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
+        return (xf @ fn.T) * r
+
+    def hc_pre(self, x, fn, scale, base, iters, hc_eps, norm_eps):
+        T, n, _ = x.shape
+        m = self._hc_mixes(x, fn, norm_eps)
+        eps = F32(hc_eps)
+        pre = _sigmoid(m[:, :n] * scale[0] + base[:n]) + eps
+        post = F32(2.0) * _sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
+        comb = (m[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(T, n, n)
+        comb = _softmax(comb, axis=-1) + eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        y = np.einsum("tn,tnd->td", pre, x)
+        return y, post, comb
+
+    def hc_post(self, y, x, post, comb):
+        return post[:, :, None] * y[:, None, :] + np.matmul(comb.transpose(0, 2, 1), x)
+
+    def hc_head(self, x, fn, scale, base, hc_eps, norm_eps):
+        m = self._hc_mixes(x, fn, norm_eps)
+        pre = _sigmoid(m * scale[0] + base) + F32(hc_eps)
+        return np.einsum("tn,tnd->td", pre, x)
+
+    # ---- compressed sparse attention ---------------------------------------------------------
+    def compress(self, kv: np.ndarray, score: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            p = _softmax(score, axis=1)
+        return np.sum(kv * p, axis=1)
+
+    def indexer_topk(self, q, weights, keys, q_pos, ratio, topk, scale):
+        T = q.shape[0]
+        J = keys.shape[0]
+        k = min(topk, J)
+        if k == 0:
+            return np.zeros((T, 0), dtype=np.int64)
+        out = np.empty((T, k), dtype=np.int64)
+        jidx = np.arange(J)
+        for a in range(0, T, ATTN_BLOCK):
+            b = min(T, a + ATTN_BLOCK)
+            qb = q[a:b]
+            s = np.matmul(qb.reshape(-1, qb.shape[-1]), keys.T).reshape(b - a, qb.shape[1], J)
+            np.maximum(s, 0, out=s)
+            score = np.einsum("thj,th->tj", s, weights[a:b]) * F32(scale)
+            visible = (jidx[None, :] + 1) * ratio <= q_pos[a:b, None] + 1
+            score = np.where(visible, score, -np.inf)
+            # stable: equal scores (e.g. every head's relu at 0) resolve to the lower entry index
+            sel = np.argsort(-score, axis=-1, kind="stable")[:, :k]
+            ok = np.take_along_axis(visible, sel, axis=-1)
+            out[a:b] = np.where(ok, sel, -1)
+        return out
+
+    def sparse_attention(self, q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks, scale):
+        T, H, D = q.shape
+        out = np.empty_like(q)
+        n_comp = 0 if comp is None else comp.shape[0]
+        sinks = sinks.astype(F32)
+        for a in range(0, T, ATTN_BLOCK):
+            b = min(T, a + ATTN_BLOCK)
+            qp = q_pos[a:b]
+            # raw keys that any query of this block can see (kv_pos is ascending)
+            lo = int(np.searchsorted(kv_pos, qp.min() - window + 1, side="left"))
+            hi = int(np.searchsorted(kv_pos, qp.max(), side="right"))
+            keys = kv[lo:hi]
+            kp = kv_pos[lo:hi]
+            mask = (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - window) & (kp[None, :] >= 0)
+            if n_comp:
+                nvis = min(n_comp, int((qp.max() + 1) // ratio))
+                if nvis:
+                    cj = np.arange(nvis)
+                    cmask = (cj[None, :] + 1) * ratio <= qp[:, None] + 1
+                    if comp_sel is not None:
+                        picked = np.zeros((b - a, nvis + 1), dtype=bool)
+                        sel = comp_sel[a:b]
+                        sel = np.where((sel >= 0) & (sel < nvis), sel, nvis)
+                        np.put_along_axis(picked, sel, True, axis=-1)
+                        cmask &= picked[:, :nvis]
+                    keys = np.concatenate([keys, comp[:nvis]], axis=0)
+                    mask = np.concatenate([mask, cmask], axis=1)
+            qb = q[a:b].reshape(-1, D)
+            s = (qb @ keys.T).reshape(b - a, H, -1) * F32(scale)
+            s = np.where(mask[:, None, :], s, -np.inf)
+            m = np.maximum(np.max(s, axis=-1), sinks[None, :])
+            p = np.exp(s - m[..., None])
+            denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
+            o = (p.reshape(-1, keys.shape[0]) @ keys).reshape(b - a, H, D)
+            out[a:b] = o / denom[..., None]
+        return out
+
+    # ---- MoE -----------------------------------------------------------------------------------
+    def moe_gate(self, x, weight, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
+        logits = x @ weight.T
+        if score_func == "softmax":
+            scores = _softmax(logits, axis=-1)
+        elif score_func == "sigmoid":
+            scores = _sigmoid(logits)
+        else:
+            scores = np.sqrt(_softplus(logits))
+        if tid2eid is not None:
+            idx = np.asarray(tid2eid[ids], dtype=np.int64)
+        else:
+            choice = scores + bias if bias is not None else scores
+            idx = np.argpartition(-choice, topk - 1, axis=-1)[:, :topk].astype(np.int64)
+        w = np.take_along_axis(scores, idx, axis=-1)
+        if norm_topk_prob and score_func != "softmax":
+            w = w / (np.sum(w, axis=-1, keepdims=True) + F32(1e-20))
+        return (w * F32(route_scale)).astype(F32), idx
+
+    @staticmethod
+    def _swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
+        if limit > 0:
+            g = np.minimum(g, F32(limit))
+            u = np.clip(u, F32(-limit), F32(limit))
+        return _silu(g) * u
+
+    def swiglu_mlp(self, x, w1, w3, w2, limit):
+        return self.linear(self._swiglu(self.linear(x, w1), self.linear(x, w3), limit), w2)
+
+    def moe_experts(self, x: np.ndarray, weights: np.ndarray, ids: np.ndarray, experts: ExpertWeights,
+                    limit: float) -> np.ndarray:
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # init_routing: rows grouped by expert
+        counts = np.bincount(flat, minlength=experts.n_experts)
+        ys = np.zeros((T * k, x.shape[1]), dtype=F32)
+        wflat = weights.reshape(-1)
+        start = 0
+        for e in np.nonzero(counts)[0]:
+            n = int(counts[e])
+            rows = order[start:start + n]
+            start += n
+            le = experts.local(int(e))
+            if not 0 <= le < experts.count:
+                continue  # held by another expert-parallel rank
+            xt = x[rows // k]
+            h = self._swiglu(self.linear(xt, experts.w1[le]), self.linear(xt, experts.w3[le]), limit)
+            h *= wflat[rows][:, None]
+            ys[rows] = self.linear(h, experts.w2[le])
+        # finalize_routing: sum each token's k expert outputs
+        return ys.reshape(T, k, -1).sum(axis=1)
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, logits, temperature, top_k, top_p, rng):
+        return sample_numpy(np.asarray(logits, dtype=F32), temperature, top_k, top_p, rng)
+
+
+def sample_numpy(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Greedy when temperature <= 0; else temperature, then top-k, then nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature
+    V = z.shape[-1]
+    if 0 < top_k < V:
+        kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if 0 < top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        ps = np.take_along_axis(p, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep_sorted = (np.cumsum(ps, axis=-1) - ps) < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(axis=-1, keepdims=True)
+    u = rng.random(p.shape[0])
+    return np.minimum((np.cumsum(p, axis=-1) < u[:, None]).sum(axis=-1), V - 1).astype(np.int64)
