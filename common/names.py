@@ -72,15 +72,29 @@ def is_hf_name(name: str) -> bool:
     return name.startswith("model.") or name == "lm_head.weight"
 
 
+# Renames DeepSeek's convert.py accepts, and the one transformers' save_pretrained writes for the main
+# attention's kv_norm (it reverses its own `.norm.` -> `.kv_norm.` rule on save).
+_ALIASES = [
+    (re.compile(r"\.self_attn\."), ".attn."),
+    (re.compile(r"\.mlp\."), ".ffn."),
+    (re.compile(r"\.weight_scale_inv$"), ".scale"),
+    (re.compile(r"\.e_score_correction_bias$"), ".bias"),
+    (re.compile(r"^((?:layers|mtp)\.\d+\.attn)\.norm\.weight$"), r"\1.kv_norm.weight"),
+]
+_OFFICIAL_ROOTS = ("layers.", "mtp.", "embed.", "head.", "norm.", "hc_head_")
+
+
 def hf_to_official(name: str) -> str | None:
-    """Plain renames only (fused experts are handled by the loader); None if not a known HF name."""
-    if name.startswith("model.mtp."):
-        return name[len("model."):]
+    """Official name for a transformers module name, or for the `model.`-prefixed official-style names that
+    transformers' save_pretrained writes (fused experts are handled by the loader); None if unknown."""
     for rx, off in _HF_TO_OFF:
         m = rx.match(name)
         if m:
             return off.replace("{L}", m.group(1)) if m.groups() else off
-    return None
+    base = name[len("model."):] if name.startswith("model.") else name
+    for rx, repl in _ALIASES:
+        base = rx.sub(repl, base)
+    return base if base.startswith(_OFFICIAL_ROOTS) else None
 
 
 def hf_fused_experts(name: str) -> tuple[int, str] | None:

@@ -190,6 +190,15 @@ def hf_model_from_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]):
     return model.float().eval()
 
 
+def save_hf_modules(model, out_dir: str | Path) -> None:
+    """A single-file checkpoint under transformers' module names (state_dict keys) and its own config spelling."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if "inv_freq" not in k}
+    write_safetensors(out / "model.safetensors", state, {"format": "pt"})
+    model.config.to_json_file(str(out / "config.json"))
+
+
 def save_official(cfg: ModelConfig, tensors: dict[str, np.ndarray], out_dir: str | Path, shards: int = 2) -> None:
     """Write a checkpoint in DeepSeek's naming and spelling, sharded with an index."""
     out = Path(out_dir)
