@@ -116,7 +116,8 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
     for name, shape, kind in names.expected_tensors(cfg, with_mtp=w.mtp_enabled):
         if name not in resolved:
             hf = names.official_to_hf(name) if ckpt.hf_naming else None
-            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}" + (f" (transformers name {hf!r})" if hf else ""))
+            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}"
+                                  + (f" (transformers name {hf!r})" if hf else ""))
         cname, sel = resolved[name]
         info = ckpt.info(cname)
         if sel is None:

@@ -278,7 +278,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         yarn = _yarn_from(comp, f"{source}: rope_parameters.compress")
         af = comp.get("attention_factor", 1.0)
         if yarn is not None and af not in (None, 1, 1.0):
-            raise ConfigError(f"{source}: rope_parameters.compress.attention_factor = {af}; V4 uses no YaRN mscale (1.0)")
+            raise ConfigError(f"{source}: rope_parameters.compress.attention_factor = {af}; "
+                              f"V4 uses no YaRN mscale (1.0)")
     elif isinstance(rope_params, dict) and rope_params:
         yarn = _yarn_from(rope_params, f"{source}: rope_parameters")
     elif raw.get("rope_scaling"):

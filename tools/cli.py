@@ -9,21 +9,7 @@ from collections.abc import Callable
 from common.config import ConfigError
 from common.safetensors_io import CheckpointError
 
-EXIT_USAGE = 2
-EXIT_INPUT = 3
-EXIT_INTERRUPT = 130
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exits non-zero."""
-
-    def __init__(self, msg: str, code: int = EXIT_INPUT):
-        super().__init__(msg)
-        self.code = code
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from .errors import EXIT_INPUT, EXIT_INTERRUPT, CliError, log
 
 
 def _add_generate(sub) -> None:

@@ -14,7 +14,7 @@ from common.loading import load_model
 from common.model import Model
 from ops import BackendUnavailable, get_backend
 
-from .cli import EXIT_USAGE, CliError, log
+from .errors import EXIT_USAGE, CliError, log
 
 
 def parse_prompt_ids(text: str, vocab: int) -> list[list[int]]:

@@ -61,7 +61,8 @@ def hf_config(cfg: ModelConfig):
         if k != SWA:
             hk = _KIND_TO_HF[k]
             if rates.setdefault(hk, r) != r:
-                raise ValueError(f"transformers supports one compress rate per attention kind; {hk} has {rates[hk]} and {r}")
+                raise ValueError(f"transformers supports one compress rate per attention kind; "
+                                 f"{hk} has {rates[hk]} and {r}")
     rope: dict[str, Any] = {}
     if cfg.yarn is not None:
         y = cfg.yarn

@@ -103,11 +103,12 @@ def run_inspect(args) -> int:
         return 0
     a = info["architecture"]
     print(f"model      {source}")
-    print(f"shape      d={a['hidden_size']} layers={a['layers']} (+{a['mtp_layers']} MTP) heads={a['heads']}x{a['head_dim']} "
+    print(f"shape      d={a['hidden_size']} layers={a['layers']} (+{a['mtp_layers']} MTP) "
+          f"heads={a['heads']}x{a['head_dim']} "
           f"rope={a['rope_dim']} hc_mult={a['hc_mult']} window={a['window']} vocab={a['vocab_size']}")
     print(f"moe        {a['routed_experts']} routed experts, top-{a['experts_per_token']}, "
           f"{a['shared_experts']} shared, {a['hash_layers']} hash-routed layers")
-    print(f"attention  " + ", ".join(f"{k} x{v}" for k, v in a["attention_kinds"].items())
+    print("attention  " + ", ".join(f"{k} x{v}" for k, v in a["attention_kinds"].items())
           + (f"; YaRN x{cfg.yarn.factor:g} on compressed layers" if cfg.yarn else ""))
     print(f"params     total {_human(counts['total'])}, active per token {_human(counts['active_per_token'])} "
           f"({_human(counts['active_per_token_excluding_embedding'])} without the embedding)")
