@@ -101,14 +101,33 @@ def _resolve_names(ckpt: Checkpoint) -> dict[str, tuple[str, object]]:
     return out
 
 
+def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tuple[int, ...]):
+    """A weight stored with a sibling scale: release FP8/FP4 are dequantized here; converted W8A8/W4A8 stay
+    integer objects that run with the NPU's arithmetic."""
+    from ops import quant
+
+    info, sinfo = ckpt.info(cname), ckpt.info(scname)
+    try:
+        fmt, kw = quant.detect_format(info.dtype, info.shape, sinfo.dtype, sinfo.shape, shape)
+        obj = quant.from_storage(fmt, ckpt.get(cname), ckpt.get(scname), **kw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{info.file}: tensor {name!r}: {e}") from None
+    return obj.dequantize() if fmt in quant.RELEASE_FORMATS else obj
+
+
 def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
-    """Check every expected tensor exists with the right shape; return float32 weights by official name."""
+    """Check every expected tensor exists with the right shape; return weights by official name.
+
+    Floating tensors become float32 arrays (zero-copy when stored as float32); quantized ones are
+    read through `ops.quant` (see `_quantized`).
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     resolved = _resolve_names(ckpt)
     w = Weights()
     mtp_present = any(n.startswith("mtp.") for n in resolved)
     w.mtp_enabled = cfg.n_mtp_layers > 0 and mtp_present
     fused_cache: dict[str, np.ndarray] = {}
+    used: set[str] = set()
 
     def shown(name: str, cname: str) -> str:
         return name if cname == name else f"{name} (stored as {cname})"
@@ -119,15 +138,21 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
             raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}"
                                   + (f" (transformers name {hf!r})" if hf else ""))
         cname, sel = resolved[name]
+        used.add(cname)
         info = ckpt.info(cname)
         if sel is None:
+            sname = names.scale_name(name)
+            if sname in resolved:
+                used.add(resolved[sname][0])
+                w[name] = _quantized(ckpt, name, cname, resolved[sname][0], shape)
+                continue
             if info.shape != shape:
                 raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} has shape {list(info.shape)}, "
                                       f"expected {list(shape)}")
             arr = ckpt.get(cname)
             if kind == "f" and info.dtype not in ("F64", "F32", "F16", "BF16"):
-                raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} is stored as {info.dtype}; "
-                                      f"quantized release formats are not readable yet")
+                raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} is stored as {info.dtype} "
+                                      f"without a scale tensor {sname!r}")
             w[name] = arr.astype(np.int64) if kind == "i" else _float32(arr)
             continue
         e, which = sel
@@ -140,18 +165,14 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
         full = fused_cache[cname]
         w[name] = full[e, :I] if which == "w1" else full[e, I:] if which == "w3" else full[e]
 
-    tid_names = [n for n in w if n.endswith("gate.tid2eid")]
-    for n in tid_names:
+    for n in [n for n in w if n.endswith("gate.tid2eid")]:
         t = w[n]
         if t.size and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
             raise CheckpointError(f"{ckpt.dir}: tensor {n!r} routes to expert {int(t.max())} outside "
                                   f"[0, {cfg.n_routed_experts})")
-    expected = {n for n, _, _ in names.expected_tensors(cfg, with_mtp=True)}
-    extra = [n for n in resolved if n not in expected]
-    unmapped = [c for c in ckpt if c not in {v[0] for v in resolved.values()}]
-    if extra or unmapped:
-        sample = (extra + unmapped)[:3]
-        log(f"note: {len(extra) + len(unmapped)} checkpoint tensors are not used by the model (e.g. {sample})")
+    unused = [c for c in ckpt if c not in used]
+    if unused and not (w.mtp_enabled is False and all(c.startswith(("mtp.", "model.mtp.")) for c in unused)):
+        log(f"note: {len(unused)} checkpoint tensors are not used by the model (e.g. {unused[:3]})")
     if cfg.n_mtp_layers and not w.mtp_enabled:
         log("note: config declares MTP layers but the checkpoint has no mtp.* tensors; MTP is off")
     return w

@@ -195,3 +195,53 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> Iterator[tuple[
             yield f"{p}.hc_head_fn", (hc, hc * d), "f"
             yield f"{p}.hc_head_base", (hc,), "f"
             yield f"{p}.hc_head_scale", (1,), "f"
+
+
+# ---- tensor roles: what a tensor is, which decides how a release stores it and how a recipe converts it ----
+
+ROLES = (
+    "embed", "head", "norm", "hc", "attn_linear", "attn_out_a", "compressor", "indexer_linear", "indexer_weights",
+    "router", "router_bias", "hash_table", "sink", "ape", "expert", "shared_expert", "mtp_proj",
+)
+
+_ROLE_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^embed\.weight$"), "embed"),
+    (re.compile(r"^head\.weight$"), "head"),
+    (re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$"), "hc"),
+    (re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$"), "expert"),
+    (re.compile(r"\.ffn\.shared_experts\.w[123]\.weight$"), "shared_expert"),
+    (re.compile(r"\.ffn\.gate\.weight$"), "router"),
+    (re.compile(r"\.ffn\.gate\.bias$"), "router_bias"),
+    (re.compile(r"\.ffn\.gate\.tid2eid$"), "hash_table"),
+    (re.compile(r"\.attn\.attn_sink$"), "sink"),
+    (re.compile(r"\.ape$"), "ape"),
+    (re.compile(r"\.attn\.wo_a\.weight$"), "attn_out_a"),
+    (re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_b)\.weight$"), "attn_linear"),
+    (re.compile(r"\.attn\.indexer\.wq_b\.weight$"), "indexer_linear"),
+    (re.compile(r"\.attn\.indexer\.weights_proj\.weight$"), "indexer_weights"),
+    (re.compile(r"\.compressor\.(wkv|wgate)\.weight$"), "compressor"),
+    (re.compile(r"^mtp\.\d+\.(e_proj|h_proj)\.weight$"), "mtp_proj"),
+    (re.compile(r"norm\.weight$"), "norm"),
+]
+
+# How DeepSeek's release stores each role (section 2 of the model spec): FP8 e4m3 with a 128x128 block
+# `.scale`, routed experts as packed FP4 with a per-32 `.scale` (or FP8 in Base checkpoints), the rest as is.
+RELEASE_STORAGE = {
+    "embed": "bf16", "head": "bf16", "norm": "bf16", "hc": "f32", "attn_linear": "fp8", "attn_out_a": "fp8",
+    "compressor": "bf16", "indexer_linear": "fp8", "indexer_weights": "bf16", "router": "bf16",
+    "router_bias": "f32", "hash_table": "int", "sink": "f32", "ape": "f32", "expert": "fp4",
+    "shared_expert": "fp8", "mtp_proj": "fp8",
+}
+
+
+def role(name: str) -> str:
+    """The role of an official tensor name (see ROLES); ValueError for a name the model does not use."""
+    for rx, r in _ROLE_RULES:
+        if rx.search(name):
+            return r
+    raise ValueError(f"tensor {name!r} has no known role")
+
+
+def scale_name(weight_name: str) -> str:
+    """The sibling scale tensor of a quantized weight (`x.weight` -> `x.scale`)."""
+    return weight_name[: -len(".weight")] + ".scale" if weight_name.endswith(".weight") else weight_name + ".scale"

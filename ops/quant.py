@@ -532,8 +532,66 @@ def quantize_weight(w: np.ndarray, fmt: str, **kw) -> FP8BlockWeight | FP4Weight
     raise ValueError(f"unknown quant format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
+def detect_format(weight_tag: str, weight_shape: tuple[int, ...], scale_tag: str, scale_shape: tuple[int, ...],
+                  logical_shape: tuple[int, int]) -> tuple[str, dict]:
+    """Which `FORMATS` entry a stored (weight, scale) pair is, from dtype tags and shapes alone.
+
+    Returns (format name, constructor kwargs). ValueError says what does not fit, for the caller to
+    prefix with the file and tensor name.
+    """
+    N, K = logical_shape
+    ws, ss = tuple(weight_shape), tuple(scale_shape)
+    if weight_tag == "F8_E4M3":
+        want = (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+        if ws != (N, K):
+            raise ValueError(f"FP8 weight has shape {list(ws)}, expected {[N, K]}")
+        if ss != want:
+            raise ValueError(f"scale shape {list(ss)} does not match the FP8 weight {[N, K]} "
+                             f"(expected {list(want)} for {FP8_BLOCK}x{FP8_BLOCK} blocks)")
+        if scale_tag not in ("F8_E8M0", "F32"):
+            raise ValueError(f"FP8 block scale has dtype {scale_tag}, expected F8_E8M0 or F32")
+        return ("fp8" if scale_tag == "F8_E8M0" else "fp8-f32"), {}
+    if weight_tag in ("I8", "U8"):
+        if ws == (N, K):
+            if scale_tag != "F32" or ss not in ((N,), (N, 1)):
+                raise ValueError(f"int8 weight {list(ws)} needs a float32 per-channel scale [{N}], "
+                                 f"got {scale_tag} {list(ss)}")
+            return "w8a8", {}
+        if K % 2 == 0 and ws == (N, K // 2):
+            if scale_tag == "F8_E8M0":
+                if ss != (N, K // FP4_BLOCK):
+                    raise ValueError(f"scale shape {list(ss)} does not match the packed FP4 weight {list(ws)} "
+                                     f"(expected {[N, K // FP4_BLOCK]}, one per {FP4_BLOCK} inputs)")
+                return "fp4", {}
+            if scale_tag == "F32" and len(ss) == 2 and ss[0] == N and ss[1] > 0 and K % ss[1] == 0 \
+                    and (K // ss[1]) % 2 == 0:
+                return "w4a8", {"group_size": K // ss[1]}
+            raise ValueError(f"packed 4-bit weight {list(ws)} has scale {scale_tag} {list(ss)}: neither FP4 "
+                             f"(F8_E8M0 [{N}, {K // FP4_BLOCK}]) nor W4A8 (F32 [{N}, K/group])")
+        raise ValueError(f"int8 weight has shape {list(ws)}, expected {[N, K]} (w8a8) or {[N, K // 2]} (packed 4-bit)")
+    raise ValueError(f"weight dtype {weight_tag} with a scale tensor is not a known quantized format")
+
+
+def from_storage(fmt: str, weight: np.ndarray, scale: np.ndarray, **kw):
+    """The weight object for stored arrays of a detected format."""
+    if fmt in ("fp8", "fp8-f32"):
+        return FP8BlockWeight(weight, scale)
+    if fmt == "fp4":
+        return FP4Weight(weight, scale)
+    if fmt == "w8a8":
+        return W8A8Weight(weight.view(np.int8), np.asarray(scale, dtype=F32).reshape(-1))
+    if fmt == "w4a8":
+        return W4A8Weight(weight.view(np.int8), np.asarray(scale, dtype=F32), **kw)
+    raise ValueError(f"unknown quant format {fmt!r}")
+
+
+# formats DeepSeek ships, which the loader dequantizes; the others run with their integer arithmetic
+RELEASE_FORMATS = ("fp8", "fp8-f32", "fp4")
+
+
 __all__ = [
-    "E2M1_VALUES", "FORMATS", "FP4Weight", "FP8BlockWeight", "QuantFormat", "W4A8Weight", "W8A8Weight",
+    "E2M1_VALUES", "FORMATS", "RELEASE_FORMATS", "detect_format", "from_storage",
+    "FP4Weight", "FP8BlockWeight", "QuantFormat", "W4A8Weight", "W8A8Weight",
     "act_quant_per_token", "dequant_fp4", "dequant_fp8_block", "encode_e2m1", "int_matmul", "pack_fp4_codes",
     "pack_int4", "pow2_ceil", "quant_fp4", "quant_fp8_block", "quantize_weight", "unpack_fp4",
     "unpack_fp4_codes", "unpack_int4",
