@@ -16,8 +16,9 @@ from .contract import ExpertWeights
 F32 = np.float32
 _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
-# query rows per attention block: bounds the [rows, heads, keys] score buffer on long prompts
-ATTN_BLOCK = 256
+# query rows per attention block: bounds the [rows, heads, keys] score buffer on long prompts; a block
+# scores rows + window - 1 raw keys, so blocks well under the window waste little work on masked keys
+ATTN_BLOCK = 64
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
