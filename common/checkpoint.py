@@ -115,7 +115,7 @@ def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tupl
     return obj.dequantize() if fmt in quant.RELEASE_FORMATS else obj
 
 
-def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
+def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | None = None) -> Weights:
     """Check every expected tensor exists with the right shape; return weights by official name.
 
     Floating tensors become float32 arrays (zero-copy when stored as float32); quantized ones are
@@ -132,7 +132,7 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
     def shown(name: str, cname: str) -> str:
         return name if cname == name else f"{name} (stored as {cname})"
 
-    for name, shape, kind in names.expected_tensors(cfg, with_mtp=w.mtp_enabled):
+    for name, shape, kind in names.expected_tensors(cfg, with_mtp=w.mtp_enabled, experts=experts):
         if name not in resolved:
             hf = names.official_to_hf(name) if ckpt.hf_naming else None
             raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}"
@@ -171,6 +171,9 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None) -> Weights:
             raise CheckpointError(f"{ckpt.dir}: tensor {n!r} routes to expert {int(t.max())} outside "
                                   f"[0, {cfg.n_routed_experts})")
     unused = [c for c in ckpt if c not in used]
+    if experts is not None:  # other ranks' experts are expected to go unused
+        unused = [c for c in unused if names.parse_expert(names.hf_to_official(c) or c) is None
+                  and names.hf_fused_experts(c) is None and not c.endswith(".scale")]
     if unused and not (w.mtp_enabled is False and all(c.startswith(("mtp.", "model.mtp.")) for c in unused)):
         log(f"note: {len(unused)} checkpoint tensors are not used by the model (e.g. {unused[:3]})")
     if cfg.n_mtp_layers and not w.mtp_enabled:

@@ -35,7 +35,9 @@ def is_preset(spec: str) -> bool:
     return not Path(spec).exists() and spec in preset_names()
 
 
-def load_model(spec: str, log=None) -> LoadedModel:
+def load_model(spec: str, log=None, experts: range | None = None) -> LoadedModel:
+    """Config, weights and tokenizer for a directory or preset; `experts` keeps only that slice of the
+    routed experts (an expert-parallel rank's share)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if is_preset(spec):
         cfg, preset = load_preset(spec)
@@ -45,10 +47,15 @@ def load_model(spec: str, log=None) -> LoadedModel:
         from .presets import random_weights
 
         weights = random_weights(cfg, int(preset.get("seed", 0)), with_mtp=True)
+        if experts is not None:
+            from .names import parse_expert
+
+            for k in [k for k in weights if (pe := parse_expert(k)) is not None and pe[1] not in experts]:
+                del weights[k]
         tok = preset.get("tokenizer")
         tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
     cfg = load_config(spec)
     ckpt = Checkpoint(spec)
-    weights = load_weights(cfg, ckpt, log)
+    weights = load_weights(cfg, ckpt, log, experts)
     return LoadedModel(cfg, weights, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec), ckpt)

@@ -37,22 +37,27 @@ class ForwardOutput:
 
 
 class Model:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, Any], backend: Backend, mtp: bool | None = None):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Any], backend: Backend, mtp: bool | None = None,
+                 expert_range: tuple[int, int] | None = None):
+        """`expert_range` = (first, count): the routed experts this rank holds (expert parallelism); the
+        weights need only those experts."""
         self.cfg = cfg
         self.B = backend
+        self.expert_range = expert_range or (0, cfg.n_routed_experts)
         self.mtp_enabled = bool(getattr(weights, "mtp_enabled", False)) if mtp is None else mtp
         self.w = {k: backend.from_numpy(v) for k, v in weights.items()}
         main, comp = layer_inv_freqs(cfg)
         self.inv_freq = {"main": backend.from_numpy(_f32(main)), "compress": backend.from_numpy(_f32(comp))}
         n = cfg.n_total_layers if self.mtp_enabled else cfg.n_layers
         self.experts = [self._experts(i) for i in range(n)]
+        self._enter_scope = getattr(backend, "enter_scope", None)
 
     # ---- weights ---------------------------------------------------------------------------
     def _experts(self, layer: int) -> ExpertWeights:
         p = layer_prefix(self.cfg, layer)
-        E = self.cfg.n_routed_experts
-        get = [[self.w[expert_name(p, e, k)] for e in range(E)] for k in ("w1", "w3", "w2")]
-        return ExpertWeights(*get, n_experts=E)
+        first, count = self.expert_range
+        get = [[self.w[expert_name(p, e, k)] for e in range(first, first + count)] for k in ("w1", "w3", "w2")]
+        return ExpertWeights(*get, n_experts=self.cfg.n_routed_experts, first=first, count=count)
 
     def new_cache(self) -> SequenceCache:
         return new_sequence_cache(self.cfg, self.B, self.mtp_enabled)
@@ -65,11 +70,13 @@ class Model:
         segs, flat_ids = self._pack(caches, ids, "pos")
         tok = B.from_numpy(flat_ids)
         rope = self._rope(segs)
+        self._scope("embed")
         h = B.embedding(tok, self.w["embed.weight"])
         x = B.cat([h[:, None, :]] * cfg.hc_mult, axis=1)
         for i in range(cfg.n_layers):
             x = self._block(i, x, tok, segs, rope)
         rows = self._rows(segs, all_logits)
+        self._scope("head")
         logits = self._head(x if rows is None else x[rows], "")
         for s in segs:
             s.cache.pos = s.pos0 + (s.b - s.a)
@@ -91,6 +98,7 @@ class Model:
         x = B.linear(e, w[f"{p}.e_proj.weight"])[:, None, :] + B.linear(hn, w[f"{p}.h_proj.weight"])
         x = self._block(layer, x, tok, segs, rope)
         rows = self._rows(segs, all_logits)
+        self._scope(f"{p}.head")
         logits = self._head(x if rows is None else x[rows], f"{p}.")
         for s in segs:
             s.cache.mtp_pos = s.pos0 + (s.b - s.a)
@@ -98,6 +106,8 @@ class Model:
 
     # ---- pieces ----------------------------------------------------------------------------
     def _pack(self, caches, ids, pos_attr):
+        """Segments and flat token ids. No sequences at all is allowed: an idle data-parallel rank still
+        runs every layer with zero tokens so it takes part in the MoE collectives."""
         segs, flat, a = [], [], 0
         for c, t in zip(caches, ids, strict=True):
             t = [int(v) for v in t]
@@ -113,7 +123,7 @@ class Model:
 
     def _rope(self, segs):
         B = self.B
-        pos = B.cat([B.arange(s.pos0, s.pos0 + s.b - s.a) for s in segs])
+        pos = B.cat([B.arange(s.pos0, s.pos0 + s.b - s.a) for s in segs]) if segs else B.arange(0, 0)
         out = {"pos": pos}
         for k, f in self.inv_freq.items():
             out[k] = B.rope_freqs(pos, f)
@@ -135,10 +145,16 @@ class Model:
         y = B.rms_norm(y, w[f"{p}norm.weight"], cfg.norm_eps)
         return B.linear(y, w["head.weight"])
 
+    def _scope(self, name: str) -> None:
+        """Name the ops that follow (e.g. `layers.3.attn`), for backends that record per-op outputs."""
+        if self._enter_scope is not None:
+            self._enter_scope(name)
+
     def _block(self, i, x, tok, segs, rope):
         B, cfg, w = self.B, self.cfg, self.w
         p = layer_prefix(cfg, i)
         for sub in ("attn", "ffn"):
+            self._scope(f"{p}.{sub}")
             y, post, comb = B.hc_pre(x, w[f"{p}.hc_{sub}_fn"], w[f"{p}.hc_{sub}_scale"], w[f"{p}.hc_{sub}_base"],
                                      cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
             y = B.rms_norm(y, w[f"{p}.{sub}_norm.weight"], cfg.norm_eps)
@@ -240,9 +256,9 @@ class Model:
             outs.append(B.sparse_attention(q[a:b], qpos, keys, kpos, W, comp, r, sel, sinks, c ** -0.5))
             keep = min(b - a, W)
             lc.window_kv[qpos[b - a - keep:] % W] = kv[b - keep:b]
-        o = B.rope(B.cat(outs), cos, sin, inverse=True)
+        o = B.rope(B.cat(outs) if outs else q, cos, sin, inverse=True)
         G = cfg.o_groups
-        z = B.grouped_linear(o.reshape(N, G, -1), w[f"{p}.wo_a.weight"]).reshape(N, -1)
+        z = B.grouped_linear(o.reshape(N, G, H * c // G), w[f"{p}.wo_a.weight"]).reshape(N, G * cfg.o_lora_rank)
         return B.linear(z, w[f"{p}.wo_b.weight"])
 
 

@@ -127,10 +127,12 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
     return f"layers.{layer}" if layer < cfg.n_layers else f"mtp.{layer - cfg.n_layers}"
 
 
-def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def expected_tensors(cfg: ModelConfig, with_mtp: bool = True,
+                     experts: range | None = None) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(official name, logical shape, kind) for every tensor the model reads.
 
     kind: 'f' for floating weights, 'i' for integer tables. Shapes are the dequantized shapes.
+    `experts` limits the routed experts to a slice (an expert-parallel rank's share).
     """
     d, c, hc = cfg.dim, cfg.head_dim, cfg.hc_mult
     mix = (2 + hc) * hc
@@ -178,7 +180,7 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> Iterator[tuple[
             yield f"{p}.ffn.gate.tid2eid", (cfg.vocab_size, cfg.n_activated_experts), "i"
         else:
             yield f"{p}.ffn.gate.bias", (E,), "f"
-        for e in range(E):
+        for e in experts if experts is not None else range(E):
             yield expert_name(p, e, "w1"), (I, d), "f"
             yield expert_name(p, e, "w3"), (I, d), "f"
             yield expert_name(p, e, "w2"), (d, I), "f"

@@ -116,8 +116,8 @@ class NumpyBackend:
 
     # ---- mHC ---------------------------------------------------------------------------------
     def _hc_mixes(self, x: np.ndarray, fn: np.ndarray, norm_eps: float) -> np.ndarray:
-        T = x.shape[0]
-        xf = x.reshape(T, -1)
+        T, n, d = x.shape
+        xf = x.reshape(T, n * d)
         r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
         return (xf @ fn.T) * r
 
@@ -259,7 +259,7 @@ class NumpyBackend:
             h *= wflat[rows][:, None]
             ys[rows] = self.linear(h, experts.w2[le])
         # finalize_routing: sum each token's k expert outputs
-        return ys.reshape(T, k, -1).sum(axis=1)
+        return ys.reshape(T, k, x.shape[1]).sum(axis=1)
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, rng):
