@@ -1,0 +1,77 @@
+"""`dsv4 compare`: recordings line up op by op, dumps round-trip, and the first divergence is found."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from common.model import Model
+from common.presets import random_weights
+from ops.numpy_ref import NumpyBackend
+from ops.recording import RecordingBackend, compare_records, load_recording
+
+from .conftest import small_config
+from .test_cli import dsv4
+
+
+class _Perturbed(NumpyBackend):
+    """The reference with one layer's attention output nudged: a stand-in for a broken kernel."""
+
+    def __init__(self, layer: str):
+        self.layer, self.scope = layer, ""
+
+    def enter_scope(self, name: str) -> None:
+        self.scope = name
+
+    def sparse_attention(self, *args, **kwargs):
+        out = super().sparse_attention(*args, **kwargs)
+        return out * np.float32(1.01) if self.scope == self.layer else out
+
+
+def _run(backend, cfg, w, ids):
+    rec = RecordingBackend(backend)
+    m = Model(cfg, w, rec)
+    m.forward([m.new_cache()], [ids])
+    return rec
+
+
+def test_first_divergence_is_the_perturbed_layer():
+    cfg = small_config()
+    w = random_weights(cfg, seed=2)
+    ids = list(range(2, 40))
+    a = _run(NumpyBackend(), cfg, w, ids)
+    b = _run(_Perturbed("layers.2.attn"), cfg, w, ids)
+    assert list(a.records) == list(b.records)  # same graph -> same keys in the same order
+    rows = compare_records(b.records, a.records)
+    first = next(r for r in rows if r["rel"] > 1e-4)
+    assert first["scope"] == "f1.layers.2.attn" and first["op"].startswith("sparse_attention")
+    assert all(r["rel"] == 0 for r in rows[: rows.index(first)])
+
+
+def test_dump_roundtrip_and_cli_flags_a_tampered_dump(tmp_path):
+    dump = tmp_path / "run.npz"
+    p = dsv4("compare", "--model", "tiny", "--b", "cpu", "--steps", "1", "--save-b", str(dump), check=True)
+    assert "no op over tolerance" in p.stdout
+    recs, header = load_recording(dump)
+    assert header["backend"] == "cpu" and len(recs) > 100
+    # tamper with one layer's MoE output in the first forward, as a faulty NPU kernel would
+    key = next(k for k in recs if k.startswith("f1.layers.1.ffn/moe_experts"))
+    recs[key] = recs[key] + np.float32(0.5)
+    rec = RecordingBackend(NumpyBackend())
+    rec.records = recs
+    tampered = tmp_path / "tampered.npz"
+    rec.save(tampered, {k: v for k, v in header.items() if k not in ("keys", "label", "backend")})
+    p = dsv4("compare", "--model", "tiny", "--a", f"dump:{tampered}", "--b", "cpu", "--steps", "1", "--json",
+             check=True)
+    out = json.loads(p.stdout)
+    assert out["summary"]["first_divergence"]["scope"] == "f1.layers.1.ffn"
+    assert out["summary"]["first_divergence"]["op"].startswith("moe_experts")
+
+
+def test_dump_for_another_prompt_is_refused(tmp_path):
+    dump = tmp_path / "run.npz"
+    dsv4("compare", "--model", "tiny", "--b", "cpu", "--steps", "0", "--prompt-ids", "5,6,7", "--save-b", str(dump),
+         check=True)
+    p = dsv4("compare", "--model", "tiny", "--a", f"dump:{dump}", "--b", "cpu", "--prompt-ids", "5,6,8")
+    assert p.returncode != 0 and "recorded for prompt" in p.stderr
