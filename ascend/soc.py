@@ -41,15 +41,17 @@ class Variant:
     def fits(self, call: Mapping[str, int]) -> str | None:
         """None if the call is within the documented limits, else the first limit it breaks."""
         for key, lim in self.limits.items():
-            if key not in call:
+            # the call names the quantity ("topk"); the limit key adds the kind of bound ("topk_max")
+            quantity = next((key[: -len(s)] for s in ("_multiple_of", "_max", "_in") if key.endswith(s)), key)
+            if quantity not in call:
                 continue
-            v = call[key]
+            v = call[quantity]
             if key.endswith("_max") and v > lim:
-                return f"{key[:-4]}={v} > {lim}"
+                return f"{quantity}={v} > {lim}"
             if key.endswith("_in") and v not in lim:
-                return f"{key[:-3]}={v} not in {list(lim)}"
+                return f"{quantity}={v} not in {list(lim)}"
             if key.endswith("_multiple_of") and v % lim:
-                return f"{key[:-12]}={v} not a multiple of {lim}"
+                return f"{quantity}={v} not a multiple of {lim}"
         return None
 
 
@@ -64,28 +66,40 @@ TABLE: dict[str, tuple[Variant, ...]] = {
         Variant(COMPOSED, ""),
     ),
     "rope": (
-        Variant(TORCH_NPU, "npu_interleave_rope", note="interleaved pairs on the trailing rope slice"),
+        # op-plugin doc: D must be 64 and cos/sin N 1; A2/A3 take fp16/bf16 only, 950 also fp32
+        Variant(TORCH_NPU, "npu_interleave_rope", socs=(A2, A3),
+                limits={"rope_dim_in": (64,), "dtype_in": ("bfloat16", "float16")},
+                note="interleaved pairs on the trailing rope slice"),
+        Variant(TORCH_NPU, "npu_interleave_rope", socs=(A5,), limits={"rope_dim_in": (64,)},
+                note="interleaved pairs on the trailing rope slice"),
         Variant(CUSTOM, "inplace_partial_rotary_mul", note="vllm-ascend _C_ascend partial rotary"),
         Variant(MINDSPORE, "ApplyRotaryPosEmb"),
         Variant(COMPOSED, ""),
     ),
     "linear_w8a8": (
-        Variant(TORCH_NPU, "npu_dynamic_quant+npu_quant_matmul", limits={"k_max": 65535},
+        # op-plugin docs: npu_dynamic_quant takes fp16/bf16 only; npu_quant_matmul's x1 and x2 last dims <= 65535
+        Variant(TORCH_NPU, "npu_dynamic_quant+npu_quant_matmul",
+                limits={"k_max": 65535, "n_max": 65535, "dtype_in": ("bfloat16", "float16")},
                 note="per-token int8 activations, per-channel int8 weights, int32 accumulate"),
+        Variant(TORCH_NPU, "npu_quant_matmul", limits={"k_max": 65535, "n_max": 65535},
+                note="float32 activations: per-token int8 quant composed, int32 output, float32 dequant"),
         Variant(MINDSPORE, "QuantBatchMatmul"),
         Variant(COMPOSED, "", note="integer GEMM emulated exactly in float32/float64"),
     ),
     "grouped_linear": (
-        Variant(TORCH_NPU, "npu_transpose_batchmatmul", note="V4 grouped wo_a einsum"),
+        Variant(TORCH_NPU, "npu_transpose_batchmatmul", limits={"k_multiple_of": 16, "n_multiple_of": 16},
+                note="V4 grouped wo_a einsum"),
         Variant(COMPOSED, ""),
     ),
     "hc_pre": (
-        Variant(TORCH_NPU, "npu_mhc_pre+npu_mhc_sinkhorn", socs=(A5,), note="torch_npu mHC ops ship for 950 only"),
-        Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3), limits={"hc_mult_in": (4,)}),
+        Variant(TORCH_NPU, "npu_mhc_pre+npu_mhc_sinkhorn", socs=(A5,),
+                limits={"hc_mult_in": (4, 6, 8), "hidden_multiple_of": 16, "dtype_in": ("bfloat16", "float16")},
+                note="torch_npu mHC ops ship for 950 only"),
+        Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3), limits={"hc_mult_in": (4,), "dtype_in": ("bfloat16",)}),
         Variant(COMPOSED, ""),
     ),
     "hc_post": (
-        Variant(TORCH_NPU, "npu_mhc_post", socs=(A5,)),
+        Variant(TORCH_NPU, "npu_mhc_post", socs=(A5,), limits={"dtype_in": ("bfloat16", "float16")}),
         Variant(CUSTOM, "npu_hc_post", socs=(A2, A3)),
         Variant(COMPOSED, ""),
     ),
@@ -107,7 +121,8 @@ TABLE: dict[str, tuple[Variant, ...]] = {
     ),
     "moe_gate": (
         Variant(CUSTOM, "moe_gating_top_k_hash", note="norm_type 2 = sqrtsoftplus, tid2eid hash routing"),
-        Variant(TORCH_NPU, "npu_moe_gating_top_k", limits={"topk_max": 8, "score_func_in": ("softmax", "sigmoid")},
+        Variant(TORCH_NPU, "npu_moe_gating_top_k",
+                limits={"topk_max": 8, "experts_max": 2048, "score_func_in": ("softmax", "sigmoid")},
                 note="norm_type 0 softmax / 1 sigmoid; tid2eid via input_ids"),
         Variant(MINDSPORE, "MoeGatingTopKSoftmax", limits={"score_func_in": ("softmax",)}),
         Variant(COMPOSED, ""),

@@ -77,7 +77,7 @@ class Model:
             x = self._block(i, x, tok, segs, rope)
         rows = self._rows(segs, all_logits)
         self._scope("head")
-        logits = self._head(x if rows is None else x[rows], "")
+        logits = self._head(self._take_rows(x, rows), "")
         for s in segs:
             s.cache.pos = s.pos0 + (s.b - s.a)
         return ForwardOutput(self._split(logits, segs, all_logits), x if keep_hidden else None)
@@ -99,7 +99,7 @@ class Model:
         x = self._block(layer, x, tok, segs, rope)
         rows = self._rows(segs, all_logits)
         self._scope(f"{p}.head")
-        logits = self._head(x if rows is None else x[rows], f"{p}.")
+        logits = self._head(self._take_rows(x, rows), f"{p}.")
         for s in segs:
             s.cache.mtp_pos = s.pos0 + (s.b - s.a)
         return self._split(logits, segs, all_logits)
@@ -128,6 +128,11 @@ class Model:
         for k, f in self.inv_freq.items():
             out[k] = B.rope_freqs(pos, f)
         return out
+
+    @staticmethod
+    def _take_rows(x, rows):
+        # an empty index list is refused by some frameworks (MindSpore); zero sequences take zero rows
+        return x if rows is None else x[rows] if rows else x[:0]
 
     @staticmethod
     def _rows(segs, all_logits):

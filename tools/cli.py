@@ -28,6 +28,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
+    d = p.add_argument_group("multi-rank (attention data parallel + MoE expert parallel, torch.distributed)")
+    d.add_argument("--nproc", type=int, default=1,
+                   help="ranks to launch on this node (must divide n_routed_experts); under torchrun the "
+                        "command runs as one rank instead")
+    d.add_argument("--device", choices=("cpu", "npu"), default="cpu",
+                   help="cpu = gloo collectives and stand-in MC2 ops; npu = hccl and torch_npu")
+    d.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall", "dispatch_combine"), default="auto",
+                   help="MoE token exchange; auto picks per forward call from the SoC table")
+    d.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+                   help="SoC whose limits `--moe-comm auto` applies (default: detected on an NPU, A2 on a CPU)")
+    d.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait for the other ranks before the run fails (default 60)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -36,6 +48,71 @@ def _add_inspect(sub) -> None:
     p.add_argument("--model", required=True, help="model directory or preset name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="run two backends (or saved dumps) and show per-layer, per-op differences")
+    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--a", default="cpu", help="backend name, or dump:FILE.npz (default cpu)")
+    p.add_argument("--b", required=True, help="backend name, or dump:FILE.npz")
+    p.add_argument("--prompt-ids", help="comma-separated prompt ids (default: 2*window tokens 2, 3, ...)")
+    p.add_argument("--steps", type=int, default=2, help="decode steps after the prefill (default 2)")
+    p.add_argument("--tol", type=float, default=1e-4, help="relative error that counts as divergence")
+    p.add_argument("--save-a", help="save run a's op outputs to FILE.npz")
+    p.add_argument("--save-b", help="save run b's op outputs to FILE.npz")
+    p.add_argument("--all", action="store_true", help="list every op output, not only per-scope maxima")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from tools.compare_cmd import run_compare
+
+    return run_compare(args)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to Ascend-ready bf16 / W8A8 / W4A8 weights",
+                       description="Convert any checkpoint the loader reads (DeepSeek release FP8/FP4, bf16/f32 in "
+                                   "official or transformers naming) into bf16, W8A8 or W4A8 safetensors, optionally "
+                                   "split for expert / tensor parallelism. `--dst DIR --verify` alone re-checks an "
+                                   "existing conversion against its manifest.")
+    p.add_argument("--src", help="source model directory (config.json + safetensors)")
+    p.add_argument("--dst", required=True, help="output directory (new or empty; or an unfinished run with --resume)")
+    p.add_argument("--format", help="bundled recipe: bf16, w8a8 or w4a8 (configs/quant/FORMAT.yaml)")
+    p.add_argument("--recipe", help="a recipe YAML file (per tensor role: bf16, f32, w8a8, w4a8, keep)")
+    p.add_argument("--group-size", type=int, help="W4A8 group size along K (default: the recipe's, 128)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks; must divide n_routed_experts")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel slices of the column/row-parallel linears")
+    p.add_argument("--workers", type=int, default=None, help="conversion threads (default min(4, CPUs))")
+    p.add_argument("--shard-size", default=None, help="target output shard size, e.g. 2GiB (default), 500MB")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping verified shards")
+    p.add_argument("--verify", action="store_true", help="re-hash every output and source file against the manifest")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from tools.convert_cmd import run_convert
+
+    return run_convert(args)
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="show the Ascend software found and which lowering each op will use")
+    p.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+                   help="SoC to plan for (default: detected on an NPU, A2 otherwise)")
+    p.add_argument("--model", default="v4-flash", help="preset or model directory whose call shapes to plan for")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="activation dtype handed to the kernels")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args) -> int:
+    from tools.doctor_cmd import run_doctor
+
+    return run_doctor(args)
 
 
 def cmd_generate(args) -> int:
@@ -50,10 +127,65 @@ def cmd_inspect(args) -> int:
     return run_inspect(args)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-card memory, parallel layout and roofline speed of a model on a cluster",
+                       description="Plan a deployment: weights / KV / activations / HCCL buffers per card, the "
+                                   "recommended expert-parallel and attention TP/DP layout and why, and a roofline "
+                                   "estimate of decode step time and prefill throughput. Exits non-zero when "
+                                   "nothing fits.")
+    p.add_argument("--model", required=True, help="model directory or preset name (v4-flash, v4-pro, ...)")
+    p.add_argument("--cluster", required=True, help="cluster YAML file or bundled name (configs/clusters)")
+    p.add_argument("--format", help="weight format: a recipe in configs/quant (bf16, w8a8, w4a8); default: the "
+                                    "format `dsv4 convert` recorded in the model directory")
+    p.add_argument("--context", type=int, default=131072, help="tokens per sequence the KV cache must hold")
+    p.add_argument("--concurrency", type=int, default=1, help="sequences decoded at once (whole cluster)")
+    p.add_argument("--kv-dtype", choices=("fp8", "bf16"), default="fp8", help="KV cache storage (default fp8)")
+    p.add_argument("--mem-util", type=float, default=0.90, help="fraction of device memory the job may use")
+    p.add_argument("--max-batched-tokens", type=int, default=8192, help="prefill chunk size (activation estimate)")
+    p.add_argument("--decode-tokens", type=int, default=1,
+                   help="tokens per sequence per decode step (speculative verification width)")
+    p.add_argument("--tp", type=int, default=None, help="pin attention tensor parallelism (default: choose)")
+    p.add_argument("--ep", type=int, default=None, help="pin the expert-parallel size (default: choose)")
+    p.add_argument("--no-mtp", action="store_true", help="leave the MTP layer out of the weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from tools.plan_cmd import run_plan
+
+    return run_plan(args)
+
+
+def _add_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="render the rank table, launch and preflight scripts for a cluster",
+                       description="Write RANK_TABLE_FILE (rank_table.json), one launch script and one preflight "
+                                   "script per node and an operator README into --out. Files are written to "
+                                   "temporary names and renamed; --dry-run writes nothing.")
+    p.add_argument("--model", required=True, help="model directory (as seen on the nodes) or preset name")
+    p.add_argument("--cluster", required=True, help="cluster YAML file or bundled name (configs/clusters)")
+    p.add_argument("--out", required=True, help="output directory for the deployment files")
+    p.add_argument("--launcher", choices=("torchrun", "msrun"), default=None,
+                   help="process launcher (default: the cluster file's launcher.default)")
+    p.add_argument("--format", help="weight format to plan memory for (bf16, w8a8, w4a8); default: the format "
+                                    "`dsv4 convert` recorded in the model directory, else no plan")
+    p.add_argument("--context", type=int, default=131072, help="context used by the memory plan")
+    p.add_argument("--concurrency", type=int, default=1, help="concurrency used by the memory plan")
+    p.add_argument("--master-port", type=int, default=None, help="override launcher.master_port")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.set_defaults(func=cmd_deploy)
+
+
+def cmd_deploy(args) -> int:
+    from tools.deploy_cmd import run_deploy
+
+    return run_deploy(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 on Ascend: CPU reference and tools")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_inspect):
+    for add in (_add_generate, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan, _add_deploy):
         add(sub)
     return ap
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from math import prod
+from pathlib import Path
 
 from common import names
 from common.checkpoint import Checkpoint
@@ -50,6 +51,51 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def _quant_formats(ckpt: Checkpoint) -> dict[str, int]:
+    """Weights stored with a sibling scale, counted by `ops.quant` format (fp8, fp4, w8a8, w4a8-gN, ...)."""
+    from ops import quant
+
+    out: Counter = Counter()
+    for n in ckpt:
+        base = n[: -len(".scale")] if n.endswith(".scale") else n[: -len(".weight_scale_inv")] \
+            if n.endswith(".weight_scale_inv") else None
+        if base is None or base + ".weight" not in ckpt:
+            continue
+        w, s = ckpt.info(base + ".weight"), ckpt.info(n)
+        for logical in ((w.shape[0], w.shape[-1]), (w.shape[0], 2 * w.shape[-1])):  # plain or packed 4-bit
+            try:
+                fmt, kw = quant.detect_format(w.dtype, w.shape, s.dtype, s.shape, logical)
+            except ValueError:
+                continue
+            out[fmt + (f"-g{kw['group_size']}" if "group_size" in kw else "")] += 1
+            break
+    return dict(sorted(out.items()))
+
+
+def conversion_info(model_dir: Path) -> dict | None:
+    """What `dsv4 convert` recorded in a converted directory (dsv4_convert.json, dsv4_manifest.json)."""
+    from tools.convert_cmd import JOURNAL, MANIFEST, RESOLVED
+
+    res, man = model_dir / RESOLVED, model_dir / MANIFEST
+    if not res.is_file() and not man.is_file():
+        return None
+    doc = json.loads(res.read_text()) if res.is_file() else {}
+    manifest = json.loads(man.read_text()) if man.is_file() else None
+    files = (manifest or {}).get("files", {})
+    par = doc.get("parallel", {})
+    return {
+        "format": doc.get("format") or (manifest or {}).get("format"),
+        "complete": manifest is not None, "unfinished": manifest is None and (model_dir / JOURNAL).is_file(),
+        "recipe": doc.get("recipe"), "output": doc.get("output"), "exactness": doc.get("exactness"),
+        "source_formats": doc.get("source_formats"),
+        "parallel": {k: par.get(k) for k in ("ep", "tp", "world_size", "ranks")},
+        "manifest": None if manifest is None else {
+            "tool_version": manifest.get("tool_version"), "created": manifest.get("created"),
+            "files": len(files), "bytes": sum(f["size"] for f in files.values()),
+            "source_files": len(manifest.get("source", {}).get("files", {})), "source": manifest["source"].get("dir")},
+    }
+
+
 def checkpoint_formats(ckpt: Checkpoint) -> dict:
     dtypes: Counter = Counter()
     bytes_by: Counter = Counter()
@@ -66,11 +112,13 @@ def checkpoint_formats(ckpt: Checkpoint) -> dict:
         "bytes": ckpt.total_bytes(),
         "dtypes": {k: {"tensors": v, "bytes": bytes_by[k]} for k, v in sorted(dtypes.items())},
         "scale_tensors": scales,
+        "quant_formats": _quant_formats(ckpt),
         "mtp_tensors": sum(1 for n in ckpt if n.startswith("mtp.") or n.startswith("model.mtp.")),
     }
 
 
 def run_inspect(args) -> int:
+    conv = None
     if is_preset(args.model):
         cfg, preset = load_preset(args.model)
         fmt = None
@@ -78,9 +126,13 @@ def run_inspect(args) -> int:
         with_mtp = cfg.n_mtp_layers > 0
     else:
         cfg = load_config(args.model)
-        ckpt = Checkpoint(args.model)
+        conv = conversion_info(Path(args.model))
+        ckpt_dir = Path(args.model)
+        if conv and not list(ckpt_dir.glob("*.safetensors")) and (ckpt_dir / "rank-00000").is_dir():
+            ckpt_dir = ckpt_dir / "rank-00000"  # expert/tensor-parallel layout: show what rank 0 loads
+        ckpt = Checkpoint(ckpt_dir)
         fmt = checkpoint_formats(ckpt)
-        source = str(args.model)
+        source = str(args.model) + (f" (rank 0 view: {ckpt_dir.name})" if ckpt_dir != Path(args.model) else "")
         with_mtp = cfg.n_mtp_layers > 0 and fmt["mtp_tensors"] > 0
     counts = param_counts(cfg, with_mtp)
     kinds = Counter(cfg.attn_kinds[: cfg.n_layers])
@@ -97,6 +149,7 @@ def run_inspect(args) -> int:
         "layers": cfg.describe_layers() if with_mtp else cfg.describe_layers()[: cfg.n_layers],
         "parameters": counts,
         "checkpoint": fmt,
+        "conversion": conv,
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -120,4 +173,29 @@ def run_inspect(args) -> int:
               f"{fmt['bytes'] / 2**30:.2f} GiB, {fmt['scale_tensors']} scale tensors")
         for k, v in fmt["dtypes"].items():
             print(f"  {k:8s} {v['tensors']:6d} tensors  {v['bytes'] / 2**20:10.1f} MiB")
+        if fmt["quant_formats"]:
+            print("quantized  " + ", ".join(f"{k} x{v}" for k, v in fmt["quant_formats"].items())
+                  + "  (weights with a scale tensor)")
+    if conv:
+        p, r = conv["parallel"], conv["recipe"] or {}
+        state = "complete" if conv["complete"] else "UNFINISHED (no manifest)" if conv["unfinished"] else "no manifest"
+        print(f"converted  {conv['format']} ({state}), recipe {r.get('path')}"
+              + (f", group size {r['group_size']}" if r.get("group_size") else ""))
+        if r.get("roles"):
+            by: dict[str, list[str]] = {}
+            for role, scheme in r["roles"].items():
+                by.setdefault(scheme, []).append(role)
+            for scheme, roles in by.items():
+                print(f"  {scheme:5s} {', '.join(roles)}")
+        print(f"parallel   ep={p.get('ep')} tp={p.get('tp')} world={p.get('world_size')}"
+              + "".join(f"\n  rank {k['rank']}: experts [{k['experts'][0]}, {k['experts'][1]}) index {k['index']}"
+                        for k in (p.get("ranks") or [])[:8]))
+        if conv["exactness"]:
+            e = conv["exactness"]
+            print(f"exactness  {e['exact']} exact, {e['rounded']} rounded to bf16, {e['quantized']} quantized, "
+                  f"{e['kept']} kept")
+        if conv["manifest"]:
+            m = conv["manifest"]
+            print(f"manifest   {m['files']} files, {m['bytes'] / 2**30:.2f} GiB, {m['source_files']} source files "
+                  f"hashed, tool {m['tool_version']}, {m['created']}")
     return 0

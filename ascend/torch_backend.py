@@ -1,0 +1,781 @@
+"""The torch backend of the op contract, lowered the way it runs on Ascend (`--backend torch`).
+
+Every contract op picks its lowering variant once per (op, call-shape class) from the SoC capability table
+(`ascend.soc.select`) and dispatches to the method that implements that variant: a torch_npu kernel
+(`self.npu.*`), a CANN custom-op kernel (`self.custom.*`), or a composition of plain torch ops. On an NPU
+`self.npu` is the real torch_npu and `self.custom` the installed custom-op package; on CPU the stand-ins
+(`ascend.npu_standin`, `ascend.custom_standin`) implement the same functions from their documented
+semantics, so this exact lowering code runs and is checked against the NumPy reference on any machine.
+
+Tensors between ops are float32 on `device`. `dtype` is the activation dtype handed to the kernels
+(float32 by default; bfloat16 / float16 make the low-precision-only kernels selectable, which is how they
+run in deployment); the table's `dtype_in` limits keep each kernel to the dtypes its documentation allows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ops.contract import ExpertWeights
+from ops.numpy_ref import sample_numpy
+
+from . import custom_standin, npu_standin
+from . import soc as S
+
+F32 = torch.float32
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_BLOCK = 64  # query rows per attention / indexer block, as in ops.numpy_ref
+
+# Lowerings this backend implements: table op -> {"provider:kernel": method}. A table variant without an
+# entry here is reported as "kernel missing" and skipped (see REASONS for why).
+LOWERINGS: dict[str, dict[str, str]] = {
+    "rms_norm": {"torch_npu:npu_rms_norm": "_rms_norm_npu", "composed:": "_rms_norm_composed"},
+    "rope": {"torch_npu:npu_interleave_rope": "_rope_npu", "composed:": "_rope_composed"},
+    "linear_w8a8": {"torch_npu:npu_dynamic_quant+npu_quant_matmul": "_w8a8_dynamic_quant",
+                    "torch_npu:npu_quant_matmul": "_w8a8_quant_matmul", "composed:": "_w8a8_composed"},
+    "grouped_linear": {"torch_npu:npu_transpose_batchmatmul": "_grouped_linear_npu",
+                       "composed:": "_grouped_linear_composed"},
+    "hc_pre": {"torch_npu:npu_mhc_pre+npu_mhc_sinkhorn": "_hc_pre_mhc", "custom:npu_hc_pre_v2": "_hc_pre_custom",
+               "composed:": "_hc_pre_composed"},
+    "hc_post": {"custom:npu_hc_post": "_hc_post_custom", "composed:": "_hc_post_composed"},
+    "compress": {"composed:": "_compress_composed"},
+    "indexer_topk": {"composed:": "_indexer_topk_composed"},
+    "sparse_attention": {"composed:": "_sparse_attention_composed"},
+    "moe_gate": {"custom:moe_gating_top_k_hash": "_moe_gate_custom", "torch_npu:npu_moe_gating_top_k": "_moe_gate_npu",
+                 "composed:": "_moe_gate_composed"},
+    "moe_experts": {"torch_npu:npu_moe_init_routing_v2+npu_grouped_matmul+npu_moe_finalize_routing": "_moe_experts_npu",
+                    "composed:": "_moe_experts_composed"},
+    "swiglu": {"torch_npu:npu_swiglu": "_swiglu_npu", "composed:": "_swiglu_composed"},
+    "sample": {"composed:": "_sample_composed"},
+}
+# why a table kernel has no lowering here (shown by `dsv4 doctor`)
+REASONS = {
+    "custom:inplace_partial_rotary_mul": "not lowered: npu_interleave_rope covers the partial interleaved rope",
+    "torch_npu:npu_mhc_post": "not lowered: its doc gives the formula only as an image, so whether h_res is "
+                              "applied transposed (V4 uses comb^T) cannot be pinned",
+    "custom:compressor": "not lowered: the kernel fuses projections, state cache, norm and rope; the contract's "
+                         "compress is only the pooling",
+    "custom:npu_vllm_quant_lightning_indexer": "not lowered: int8-quantized paged keys plus a metadata op",
+    "torch_npu:npu_lightning_indexer": "not lowered: no compressed-entry visibility (cmp_ratio) in its API",
+    "custom:npu_sparse_attn_sharedkv": "not lowered: paged caches, cu_seqlens and a metadata op",
+    "torch_npu:npu_fused_infer_attention_score_v2": "not lowered yet: mask / sink layout of FIA v2 not pinned",
+    "torch_npu:npu_top_k_top_p": "not lowered: sampling stays on the host numpy Generator for reproducibility",
+}
+# contract ops without a table entry: what they run as
+UNTABLED = {
+    "embedding": "composed:embedding",
+    "linear": "composed:matmul",
+    "linear_w4a8": "composed:int4 exact emulation",
+    "rope_freqs": "composed:cos/sin",
+    "hc_head": "composed:",
+}
+# contract op -> the table ops it goes through
+CONTRACT_OPS: dict[str, tuple[str, ...]] = {
+    "embedding": ("embedding",), "rms_norm": ("rms_norm",), "linear": ("linear", "linear_w8a8", "linear_w4a8"),
+    "grouped_linear": ("grouped_linear",), "rope_freqs": ("rope_freqs",), "rope": ("rope",),
+    "hc_pre": ("hc_pre",), "hc_post": ("hc_post",), "hc_head": ("hc_head",), "compress": ("compress",),
+    "indexer_topk": ("indexer_topk",), "sparse_attention": ("sparse_attention",), "moe_gate": ("moe_gate",),
+    "moe_experts": ("moe_experts", "swiglu"), "swiglu_mlp": ("swiglu",), "sample": ("sample",),
+}
+
+
+def _key(v: S.Variant) -> str:
+    return f"{v.provider}:{v.kernel}"
+
+
+def explain_selection(op: str, soc: str, providers: Iterable[str], call: Mapping[str, Any] | None,
+                      has_kernel: Callable[[S.Variant], bool]) -> list[dict[str, str]]:
+    """Every variant of `op` with "chosen" / "skipped" and why, in `soc.select`'s order and rules."""
+    providers = set(providers)
+    out, chosen = [], False
+    for v in S.TABLE[op]:
+        reason = ""
+        if chosen:
+            reason = "a preferred variant was chosen"
+        elif v.provider not in providers:
+            reason = "provider absent"
+        elif v.provider != S.COMPOSED and soc not in v.socs:
+            reason = f"not on {soc}"
+        elif v.fits(call or {}):
+            reason = v.fits(call or {})
+        elif v.provider != S.COMPOSED and not has_kernel(v):
+            reason = REASONS.get(_key(v), "kernel missing")
+        status = "skipped" if reason else "chosen"
+        chosen = chosen or not reason
+        out.append({"variant": _key(v), "status": status, "reason": reason, "note": v.note})
+    return out
+
+
+def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
+    """The call-shape quantities each table op sees when running `cfg` (for `dsv4 doctor`)."""
+    return {
+        "rms_norm": {"dtype": dtype},
+        "rope": {"rope_dim": cfg.rope_dim, "dtype": dtype},
+        "linear_w8a8": {"k": cfg.dim, "n": cfg.q_lora_rank, "dtype": dtype},
+        "grouped_linear": {"k": cfg.n_heads * cfg.head_dim // cfg.o_groups, "n": cfg.o_lora_rank},
+        "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "dtype": dtype},
+        "hc_post": {"hc_mult": cfg.hc_mult, "dtype": dtype},
+        "compress": {"ratio": max([r for r in cfg.compress_ratios if r] or [0])},
+        "indexer_topk": {"topk": cfg.index_topk},
+        "sparse_attention": {"heads": cfg.n_heads, "topk": cfg.index_topk},
+        "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func},
+        "moe_experts": {"hidden": cfg.dim, "topk": cfg.n_activated_experts},
+        "swiglu": {"dtype": dtype},
+        "sample": {},
+    }
+
+
+@dataclass
+class _W8A8:
+    wT: torch.Tensor  # int8 [K, N]: the transposed view npu_quant_matmul takes as x2
+    scale: torch.Tensor  # float32 [N]
+
+
+@dataclass
+class _W4A8:
+    w: torch.Tensor  # int8 [N, K] unpacked, values in [-7, 7]
+    scale: torch.Tensor  # float32 [N, G]
+    group_size: int
+
+
+def _is_weight_object(a: Any) -> bool:
+    return hasattr(a, "dequantize") and hasattr(a, "fmt") and not isinstance(a, (np.ndarray, torch.Tensor))
+
+
+def _int_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 GEMM -> int32 (float BLAS on int8 values is exact, see ops.quant.int_matmul)."""
+    ft = torch.float32 if a.shape[-1] * 2**14 <= 2**24 else torch.float64
+    return torch.matmul(a.to(ft), b.to(ft)).to(torch.int32)
+
+
+def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 exactly as ops.quant.act_quant_per_token: scale = amax/127 (0 -> 1), round half even."""
+    amax = x.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else torch.zeros((*x.shape[:-1], 1), device=x.device)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
+
+
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return (torch.tanh(x * 0.5) + 1.0) * 0.5  # the reference's tanh form
+
+
+class TorchBackend:
+    """The op contract on torch tensors, lowered through torch_npu / CANN custom ops / composed torch."""
+
+    name = "torch"
+
+    def __init__(self, device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
+                 dtype: str = "float32"):
+        """device "cpu" runs the stand-ins (soc simulated, default A2); "npu" needs torch_npu and detects the
+        SoC. providers defaults to torch_npu + composed, plus custom when a custom-op package is installed."""
+        from . import device as devmod
+
+        if dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_KERNEL_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.kdtype = _KERNEL_DTYPES[dtype]
+        self.info = devmod.detect() if device == "npu" else None
+        real_custom = None
+        if device == "npu":
+            npu, err = devmod.import_torch_npu()
+            if npu is None or not self.info.has_npu:
+                from ops import BackendUnavailable
+
+                raise BackendUnavailable(f"--device npu needs torch_npu with a visible NPU ({err or 'no device'})")
+            self.npu: Any = npu
+            self.device = torch.device("npu")
+            detected = self.info.soc
+            if soc is None and detected is None:
+                raise ValueError(f"unknown Ascend chip {self.info.chip!r}; pass soc= explicitly")
+            self.soc = soc or detected
+            if self.info.custom_kernels:
+                real_custom = devmod.RealCustomOps(self.info)
+        elif device == "cpu":
+            self.npu = npu_standin
+            self.device = torch.device("cpu")
+            self.soc = soc or S.A2
+        else:
+            raise ValueError(f"device must be 'cpu' or 'npu', got {device!r}")
+        if self.soc not in S.SOCS:
+            raise ValueError(f"unknown SoC {self.soc!r}; known: {', '.join(S.SOCS)}")
+        self.custom: Any = real_custom if real_custom is not None else custom_standin
+        if providers is None:
+            providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
+        self.providers = frozenset(providers)
+        unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED}
+        if unknown:
+            raise ValueError(f"the torch backend has no provider {sorted(unknown)}")
+        self._chosen: dict[tuple[str, tuple], S.Variant] = {}
+        self._used: dict[str, list[str]] = {}
+        # converted weight objects, keyed weakly by the object: integer forms and dequantized forms
+        self._qcache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._dcache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._ecache: dict[int, tuple[ExpertWeights, Any]] = {}
+        self._ones: dict[int, torch.Tensor] = {}
+
+    # ---- variant selection -------------------------------------------------------------------------
+    def has_kernel(self, op: str, v: S.Variant) -> bool:
+        """This backend lowers `v` and its provider module has every kernel the variant names."""
+        if _key(v) not in LOWERINGS.get(op, {}):
+            return False
+        mod = self.npu if v.provider == S.TORCH_NPU else self.custom
+        return all(hasattr(mod, k) for k in v.kernel.split("+"))
+
+    def _pick(self, op: str, call: Mapping[str, Any]) -> Callable:
+        key = (op, tuple(sorted(call.items())))
+        v = self._chosen.get(key)
+        if v is None:
+            v = S.select(op, self.soc, self.providers, call, has_kernel=lambda var: self.has_kernel(op, var))
+            self._chosen[key] = v
+        self._note(op, _key(v))
+        return getattr(self, LOWERINGS[op][_key(v)])
+
+    def _note(self, op: str, variant: str) -> None:
+        used = self._used.setdefault(op, [])
+        if variant not in used:
+            used.append(variant)
+
+    def variants(self) -> dict[str, str]:
+        """op -> "provider:kernel" actually used so far (several call-shape classes: joined with " | ")."""
+        return {op: " | ".join(vs) for op, vs in self._used.items()}
+
+    def selections(self) -> dict[tuple[str, tuple], str]:
+        """(op, call-shape class) -> "provider:kernel", one entry per class seen."""
+        return {k: _key(v) for k, v in self._chosen.items()}
+
+    def plan(self, calls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, str]]]:
+        """For each table op, every variant with chosen / skipped and why, for the given call quantities."""
+        return {op: explain_selection(op, self.soc, self.providers, calls.get(op, {}),
+                                      lambda v, op=op: self.has_kernel(op, v)) for op in LOWERINGS}
+
+    # ---- plumbing -------------------------------------------------------------------------------------
+    def from_numpy(self, a: Any) -> Any:
+        """A torch view of a numpy array (no copy for float32 / integer arrays on CPU). Quantized weight objects
+        pass through unchanged; they are converted once, on first use."""
+        if _is_weight_object(a):
+            return a
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device)
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and a.dtype != np.float32 or a.dtype.kind == "V":
+            a = a.astype(np.float32)
+        if any(s < 0 for s in a.strides):
+            a = np.ascontiguousarray(a)
+        with warnings.catch_warnings():
+            # mmap'd checkpoints are read-only; weights are never written, so sharing the buffer is safe
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().numpy()
+        return np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
+        return torch.zeros(shape, dtype=_DTYPES[dtype], device=self.device)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: str = "float32") -> torch.Tensor:
+        return torch.full(shape, value, dtype=_DTYPES[dtype], device=self.device)
+
+    def cat(self, xs: list[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return xs[0] if len(xs) == 1 else torch.cat(xs, dim=axis)
+
+    def arange(self, start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, dtype=torch.int64, device=self.device)
+
+    def _k(self, x: torch.Tensor) -> torch.Tensor:
+        """An activation as the kernels take it (the backend's kernel dtype, contiguous)."""
+        return x.to(self.kdtype).contiguous()
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def _dense(self, w: Any) -> torch.Tensor:
+        """A float32 [N, K] tensor for any weight (quantized objects dequantize once, cached)."""
+        if isinstance(w, torch.Tensor):
+            return w
+        c = self._dcache.get(w)
+        if c is None:
+            c = self._dcache[w] = self.from_numpy(w.dequantize())
+        return c
+
+    def _w8a8(self, w: Any) -> _W8A8:
+        c = self._qcache.get(w)
+        if c is None:
+            q = self.from_numpy(w.qweight)
+            c = self._qcache[w] = _W8A8(q.t(), self.from_numpy(w.scale))
+        return c
+
+    def _w4a8(self, w: Any) -> _W4A8:
+        c = self._qcache.get(w)
+        if c is None:
+            from ops.quant import unpack_int4
+
+            c = self._qcache[w] = _W4A8(self.from_numpy(unpack_int4(w.qweight)), self.from_numpy(w.scale),
+                                        w.group_size)
+        return c
+
+    def _ones_like_last(self, d: int) -> torch.Tensor:
+        if d not in self._ones:
+            self._ones[d] = torch.ones(d, dtype=F32, device=self.device)
+        return self._ones[d]
+
+    # ---- dense math ---------------------------------------------------------------------------------
+    def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        self._note("embedding", UNTABLED["embedding"])
+        return torch.nn.functional.embedding(ids, self._dense(table)).to(F32)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        return self._pick("rms_norm", {"dtype": self.dtype})(x, weight, eps)
+
+    def _rms_norm_npu(self, x, weight, eps):
+        if x.numel() == 0:
+            return torch.empty_like(x)
+        gamma = weight if weight is not None else self._ones_like_last(x.shape[-1])  # V4's weightless q norm
+        y, _ = self.npu.npu_rms_norm(self._k(x), gamma.to(self.kdtype), eps)
+        return y.to(F32)
+
+    def _rms_norm_composed(self, x, weight, eps):
+        y = x * (1.0 / torch.sqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps))
+        return y * weight if weight is not None else y
+
+    def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
+        if isinstance(w, torch.Tensor):
+            self._note("linear", UNTABLED["linear"])
+            return torch.nn.functional.linear(x, w)
+        fmt = getattr(w, "fmt", None)
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if fmt == "w8a8":
+            N = w.shape[0]
+            y = self._pick("linear_w8a8", {"k": K, "n": N, "dtype": self.dtype})(x2, self._w8a8(w))
+        elif fmt == "w4a8":
+            self._note("linear_w4a8", UNTABLED["linear_w4a8"])
+            y = self._w4a8_composed(x2, self._w4a8(w))
+        else:  # release FP8/FP4 objects run weight-only: dequantized once
+            self._note("linear", UNTABLED["linear"])
+            y = torch.nn.functional.linear(x2, self._dense(w))
+        return y.reshape(*lead, y.shape[-1])
+
+    def _w8a8_quant_matmul(self, x, q: _W8A8):
+        if x.shape[0] == 0:
+            return torch.zeros((0, q.wT.shape[1]), dtype=F32, device=self.device)
+        # npu_dynamic_quant takes fp16/bf16 only, so float32 activations quantize with plain ops (bit-exact
+        # with ops.quant); the int32 accumulator comes back and dequantizes in ops.quant's float order
+        xq, xs = _act_quant(x)
+        acc = self.npu.npu_quant_matmul(xq, q.wT, q.scale, output_dtype=torch.int32)
+        return acc.to(F32) * xs * q.scale
+
+    def _w8a8_dynamic_quant(self, x, q: _W8A8):
+        if x.shape[0] == 0:
+            return torch.zeros((0, q.wT.shape[1]), dtype=F32, device=self.device)
+        xq, xs = self.npu.npu_dynamic_quant(self._k(x))
+        y = self.npu.npu_quant_matmul(xq, q.wT, q.scale, pertoken_scale=xs, output_dtype=self.kdtype)
+        return y.to(F32)
+
+    def _w8a8_composed(self, x, q: _W8A8):
+        xq, xs = _act_quant(x)
+        return _int_gemm(xq, q.wT).to(F32) * xs * q.scale
+
+    def _w4a8_composed(self, x, q: _W4A8):
+        """ops.quant W4A8 arithmetic: int32 accumulator per K group, groups summed in float32 in ascending
+        order, then the per-token scale."""
+        N, K = q.w.shape
+        gs = q.group_size
+        xq, xs = _act_quant(x)
+        part = torch.zeros((x.shape[0], N), dtype=F32, device=self.device)
+        for g in range(K // gs):
+            acc = _int_gemm(xq[:, g * gs:(g + 1) * gs], q.w[:, g * gs:(g + 1) * gs].t())
+            part += acc.to(F32) * q.scale[:, g]
+        return part * xs
+
+    def grouped_linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
+        T, G, K = x.shape
+        wd = self._dense(w)
+        N = wd.shape[0] // G
+        return self._pick("grouped_linear", {"k": K, "n": N})(x, wd.reshape(G, N, K).transpose(1, 2))
+
+    def _grouped_linear_npu(self, x, wt):
+        if x.shape[0] == 0:
+            return torch.zeros((0, wt.shape[0], wt.shape[2]), dtype=F32, device=self.device)
+        # input [M=T, B=G, K] is batch-transposed by perm_x1, output [B, M, N] transposed back by perm_y
+        y = self.npu.npu_transpose_batchmatmul(self._k(x), wt.to(self.kdtype), perm_x1=[1, 0, 2], perm_x2=[0, 1, 2],
+                                               perm_y=[1, 0, 2])
+        return y.to(F32)
+
+    def _grouped_linear_composed(self, x, wt):
+        return torch.matmul(x.transpose(0, 1), wt).transpose(0, 1)
+
+    def rope_freqs(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._note("rope_freqs", UNTABLED["rope_freqs"])
+        ang = positions.to(F32)[:, None] * inv_freq.to(F32)[None, :]
+        return torch.cos(ang), torch.sin(ang)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return self._pick("rope", {"rope_dim": 2 * cos.shape[-1], "dtype": self.dtype})(x, cos, sin, inverse)
+
+    def _rope_npu(self, x, cos, sin, inverse):
+        if x.shape[0] == 0:
+            return x.clone()
+        T, half = x.shape[0], cos.shape[-1]
+        R, mid = 2 * half, x.shape[1:-1]
+        N = math.prod(mid)
+        xr = x[..., -R:].reshape(T, N, 1, R)
+        # cos/sin per rotate-half position: the pair angle repeated for both halves; [T, 1, 1, R]
+        c = torch.cat([cos, cos], dim=-1).reshape(T, 1, 1, R)
+        s = torch.cat([sin, sin], dim=-1).reshape(T, 1, 1, R)
+        if inverse:
+            s = -s
+        yh = self.npu.npu_interleave_rope(self._k(xr), self._k(c), self._k(s)).to(F32)
+        # the kernel returns the rotate-half layout; back to interleaved pairs
+        y = yh.reshape(T, N, 2, half).transpose(-1, -2).reshape(T, *mid, R)
+        return torch.cat([x[..., :-R], y], dim=-1) if R < x.shape[-1] else y
+
+    def _rope_composed(self, x, cos, sin, inverse):
+        half = cos.shape[-1]
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+        c, s = cos.reshape(shape), sin.reshape(shape)
+        if inverse:
+            s = -s
+        y = x.clone()
+        r = x[..., -2 * half:]
+        x0, x1 = r[..., 0::2], r[..., 1::2]
+        y[..., -2 * half::2] = x0 * c - x1 * s
+        y[..., -2 * half + 1::2] = x0 * s + x1 * c
+        return y
+
+    # ---- mHC -------------------------------------------------------------------------------------------
+    def hc_pre(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+               hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T, n, D = x.shape
+        call = {"hc_mult": n, "hidden": D, "dtype": self.dtype}
+        return self._pick("hc_pre", call)(x, fn, scale, base, iters, hc_eps, norm_eps)
+
+    def _hc_empty(self, x):
+        T, n, D = x.shape
+        z = torch.zeros
+        return (z((0, D), dtype=F32, device=self.device), z((0, n), dtype=F32, device=self.device),
+                z((0, n, n), dtype=F32, device=self.device))
+
+    def _hc_pre_mhc(self, x, fn, scale, base, iters, hc_eps, norm_eps):
+        if x.shape[0] == 0:
+            return self._hc_empty(x)
+        h_in, h_post, h_res, *_ = self.npu.npu_mhc_pre(self._k(x), fn, scale, base, norm_eps=norm_eps, hc_eps=hc_eps)
+        comb, _, _ = self.npu.npu_mhc_sinkhorn(h_res, eps=hc_eps, num_iters=iters)
+        return h_in.to(F32), h_post, comb
+
+    def _hc_pre_custom(self, x, fn, scale, base, iters, hc_eps, norm_eps):
+        if x.shape[0] == 0:
+            return self._hc_empty(x)
+        y, post, comb = self.custom.npu_hc_pre_v2(self._k(x), fn, scale, base, x.shape[1], iters, norm_eps, hc_eps)
+        return y.to(F32), post, comb
+
+    def _hc_mixes(self, x, fn, norm_eps):
+        T, n, d = x.shape
+        xf = x.reshape(T, n * d)
+        r = 1.0 / torch.sqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + norm_eps)
+        return (xf @ fn.t()) * r
+
+    def _hc_pre_composed(self, x, fn, scale, base, iters, hc_eps, norm_eps):
+        T, n, _ = x.shape
+        m = self._hc_mixes(x, fn, norm_eps)
+        pre = _sigmoid(m[:, :n] * scale[0] + base[:n]) + hc_eps
+        post = 2.0 * _sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
+        comb = (m[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(T, n, n)
+        comb = self._softmax(comb, -1) + hc_eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+        return torch.einsum("tn,tnd->td", pre, x), post, comb
+
+    def hc_post(self, y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        return self._pick("hc_post", {"hc_mult": x.shape[1], "dtype": self.dtype})(y, x, post, comb)
+
+    def _hc_post_custom(self, y, x, post, comb):
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        return self.custom.npu_hc_post(self._k(y), self._k(x), post, comb).to(F32)
+
+    def _hc_post_composed(self, y, x, post, comb):
+        return post[:, :, None] * y[:, None, :] + torch.matmul(comb.transpose(1, 2), x)
+
+    def hc_head(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float,
+                norm_eps: float) -> torch.Tensor:
+        self._note("hc_head", UNTABLED["hc_head"])
+        m = self._hc_mixes(x, fn, norm_eps)
+        pre = _sigmoid(m * scale[0] + base) + hc_eps
+        return torch.einsum("tn,tnd->td", pre, x)
+
+    # ---- compressed sparse attention ------------------------------------------------------------------
+    @staticmethod
+    def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+        e = torch.exp(x - torch.amax(x, dim=dim, keepdim=True))
+        return e / torch.sum(e, dim=dim, keepdim=True)
+
+    def compress(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return self._pick("compress", {})(kv, score)
+
+    def _compress_composed(self, kv, score):
+        if kv.shape[0] == 0:
+            return torch.zeros((0, kv.shape[2]), dtype=F32, device=self.device)
+        return torch.sum(kv * self._softmax(score, 1), dim=1)
+
+    def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
+                     ratio: int, topk: int, scale: float) -> torch.Tensor:
+        return self._pick("indexer_topk", {"topk": topk})(q, weights, keys, q_pos, ratio, topk, scale)
+
+    def _indexer_topk_composed(self, q, weights, keys, q_pos, ratio, topk, scale):
+        T, J = q.shape[0], keys.shape[0]
+        k = min(topk, J)
+        out = torch.empty((T, k), dtype=torch.int64, device=self.device)
+        if k == 0 or T == 0:
+            return out
+        jidx = torch.arange(J, device=self.device)
+        for a in range(0, T, ATTN_BLOCK):
+            b = min(T, a + ATTN_BLOCK)
+            qb = q[a:b]
+            s = torch.relu(torch.matmul(qb.reshape(-1, qb.shape[-1]), keys.t()).reshape(b - a, qb.shape[1], J))
+            score = torch.einsum("thj,th->tj", s, weights[a:b]) * scale
+            visible = (jidx[None, :] + 1) * ratio <= q_pos[a:b, None] + 1
+            score = torch.where(visible, score, float("-inf"))
+            # stable: equal scores resolve to the lower entry index, as the reference
+            sel = torch.sort(-score, dim=-1, stable=True).indices[:, :k]
+            ok = torch.gather(visible, 1, sel)
+            out[a:b] = torch.where(ok, sel, -1)
+        return out
+
+    def sparse_attention(self, q: torch.Tensor, q_pos: torch.Tensor, kv: torch.Tensor, kv_pos: torch.Tensor,
+                         window: int, comp: torch.Tensor | None, ratio: int, comp_sel: torch.Tensor | None,
+                         sinks: torch.Tensor, scale: float) -> torch.Tensor:
+        call = {"heads": q.shape[1], "topk": 0 if comp_sel is None else comp_sel.shape[1]}
+        return self._pick("sparse_attention", call)(q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks,
+                                                     scale)
+
+    def _sparse_attention_composed(self, q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks, scale):
+        T, H, D = q.shape
+        out = torch.empty_like(q)
+        n_comp = 0 if comp is None else comp.shape[0]
+        sinks = sinks.to(F32)
+        for a in range(0, T, ATTN_BLOCK):
+            b = min(T, a + ATTN_BLOCK)
+            qp = q_pos[a:b]
+            qmin, qmax = int(qp.min()), int(qp.max())
+            # raw keys any query of this block can see (kv_pos is ascending)
+            lo = int(torch.searchsorted(kv_pos, torch.tensor(qmin - window + 1, device=kv_pos.device)))
+            hi = int(torch.searchsorted(kv_pos, torch.tensor(qmax, device=kv_pos.device), right=True))
+            keys, kp = kv[lo:hi], kv_pos[lo:hi]
+            mask = (kp[None, :] <= qp[:, None]) & (kp[None, :] > qp[:, None] - window) & (kp[None, :] >= 0)
+            if n_comp:
+                nvis = min(n_comp, (qmax + 1) // ratio)
+                if nvis:
+                    cj = torch.arange(nvis, device=self.device)
+                    cmask = (cj[None, :] + 1) * ratio <= qp[:, None] + 1
+                    if comp_sel is not None:
+                        picked = torch.zeros((b - a, nvis + 1), dtype=torch.bool, device=self.device)
+                        sel = comp_sel[a:b]
+                        sel = torch.where((sel >= 0) & (sel < nvis), sel, nvis)
+                        picked.scatter_(1, sel, True)
+                        cmask = cmask & picked[:, :nvis]
+                    keys = torch.cat([keys, comp[:nvis]], dim=0)
+                    mask = torch.cat([mask, cmask], dim=1)
+            qb = q[a:b].reshape(-1, D)
+            s = torch.matmul(qb, keys.t()).reshape(b - a, H, -1) * scale
+            s = torch.where(mask[:, None, :], s, float("-inf"))
+            smax = s.amax(dim=-1) if s.shape[-1] else torch.full((b - a, H), float("-inf"), device=self.device)
+            m = torch.maximum(smax, sinks[None, :])
+            p = torch.exp(s - m[..., None])
+            denom = torch.sum(p, dim=-1) + torch.exp(sinks[None, :] - m)
+            o = torch.matmul(p.reshape(-1, keys.shape[0]), keys).reshape(b - a, H, D)
+            out[a:b] = o / denom[..., None]
+        return out
+
+    # ---- mixture of experts ---------------------------------------------------------------------------------
+    def moe_gate(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
+                 ids: torch.Tensor, topk: int, score_func: str, route_scale: float,
+                 norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        E = weight.shape[0]
+        call = {"topk": topk, "experts": E, "score_func": score_func}
+        impl = self._pick("moe_gate", call)
+        if x.shape[0] == 0:
+            return (torch.zeros((0, topk), dtype=F32, device=self.device),
+                    torch.zeros((0, topk), dtype=torch.int64, device=self.device))
+        logits = torch.nn.functional.linear(x, self._dense(weight))  # the router runs in float32, like vllm-ascend
+        return impl(logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob)
+
+    def _gate_kernel_out(self, y, idx, norm, score_func, route_scale, norm_topk_prob):
+        if score_func != "softmax" and not norm_topk_prob:
+            # the kernels always renormalize sigmoid / sqrtsoftplus weights; without norm_topk_prob the weights
+            # are the raw scores at the chosen ids (norm comes back through out_flag)
+            y = torch.gather(norm, 1, idx.to(torch.int64)) * route_scale
+        return y.to(F32), idx.to(torch.int64)
+
+    def _moe_gate_npu(self, logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
+        raw = score_func != "softmax" and not norm_topk_prob
+        y, idx, norm = self.npu.npu_moe_gating_top_k(
+            logits, topk, bias=bias, input_ids=ids if tid2eid is not None else None, tid2eid=tid2eid,
+            norm_type=0 if score_func == "softmax" else 1, out_flag=raw, routed_scaling_factor=route_scale, eps=1e-20)
+        return self._gate_kernel_out(y, idx, norm, score_func, route_scale, norm_topk_prob)
+
+    def _moe_gate_custom(self, logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
+        raw = score_func != "softmax" and not norm_topk_prob
+        norm_type = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}[score_func]
+        y, idx, norm = self.custom.moe_gating_top_k_hash(
+            logits, topk, bias=bias, input_ids=ids if tid2eid is not None else None, tid2eid=tid2eid, k_group=1,
+            group_count=1, routed_scaling_factor=route_scale, eps=1e-20, group_select_mode=1, renorm=0,
+            norm_type=norm_type, out_flag=raw)
+        return self._gate_kernel_out(y, idx, norm, score_func, route_scale, norm_topk_prob)
+
+    def _moe_gate_composed(self, logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
+        if score_func == "softmax":
+            scores = self._softmax(logits, -1)
+        elif score_func == "sigmoid":
+            scores = _sigmoid(logits)
+        else:
+            scores = torch.sqrt(torch.logaddexp(torch.zeros_like(logits), logits))
+        if tid2eid is not None:
+            idx = tid2eid[ids].to(torch.int64)
+        else:
+            choice = scores + bias if bias is not None else scores
+            idx = torch.sort(-choice, dim=-1, stable=True).indices[:, :topk]
+        w = torch.gather(scores, 1, idx)
+        if norm_topk_prob and score_func != "softmax":
+            w = w / (torch.sum(w, dim=-1, keepdim=True) + 1e-20)
+        return w * route_scale, idx
+
+    def swiglu_mlp(self, x: torch.Tensor, w1: Any, w3: Any, w2: Any, limit: float) -> torch.Tensor:
+        g, u = self.linear(x, w1), self.linear(x, w3)
+        return self.linear(self._pick("swiglu", {"dtype": self.dtype})(torch.cat([g, u], dim=-1), limit), w2)
+
+    def _clamp_halves(self, gu: torch.Tensor, limit: float) -> torch.Tensor:
+        if limit > 0:
+            I = gu.shape[-1] // 2
+            gu = gu.clone()
+            gu[..., :I].clamp_(max=limit)
+            gu[..., I:].clamp_(-limit, limit)
+        return gu
+
+    def _swiglu_npu(self, gu, limit):
+        """Clamped SwiGLU on [.., 2I] = [gate | up]: the clamp runs before the fused op (it has no limit)."""
+        if gu.shape[0] == 0:
+            return gu[..., : gu.shape[-1] // 2].clone()
+        return self.npu.npu_swiglu(self._k(self._clamp_halves(gu, limit)), dim=-1).to(F32)
+
+    def _swiglu_composed(self, gu, limit):
+        I = gu.shape[-1] // 2
+        g, u = gu[..., :I], gu[..., I:]
+        if limit > 0:
+            g = torch.clamp(g, max=limit)
+            u = torch.clamp(u, -limit, limit)
+        return g * _sigmoid(g) * u
+
+    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+                    limit: float) -> torch.Tensor:
+        """init_routing -> grouped GEMMs with clamped SwiGLU -> finalize_routing, over the local experts
+        [experts.first, first + count) only: copies routed elsewhere contribute zero (a partial sum for the
+        expert-parallel combine). Tokens may be any rows, e.g. ones received from other ranks."""
+        call = {"hidden": x.shape[1], "topk": ids.shape[1]}
+        impl = self._pick("moe_experts", call)
+        if x.shape[0] == 0 or ids.shape[1] == 0:
+            return torch.zeros((x.shape[0], x.shape[1]), dtype=F32, device=self.device)
+        return impl(x, weights, ids, experts, limit)
+
+    def _stacked(self, experts: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float experts as one [E, D, 2I] (gate|up) and one [E, I, D] weight, transposed views of stacked
+        copies (made once; npu_grouped_matmul takes float32 only as single tensors). None if quantized."""
+        hit = self._ecache.get(id(experts))
+        if hit is not None and hit[0] is experts:
+            return hit[1]
+        ws = (experts.w1, experts.w3, experts.w2)
+        if not all(isinstance(w, torch.Tensor) for lst in ws for w in lst):
+            stacked = None
+        else:
+            w13 = torch.stack([torch.cat([a, b], dim=0) for a, b in zip(experts.w1, experts.w3, strict=True)])
+            w2 = torch.stack(list(experts.w2))
+            stacked = (w13.transpose(1, 2).to(self.kdtype), w2.transpose(1, 2).to(self.kdtype))
+        self._ecache[id(experts)] = (experts, stacked)  # holding `experts` keeps its id from being reused
+        return stacked
+
+    def _moe_experts_npu(self, x, weights, ids, experts, limit):
+        T, K = ids.shape
+        first, count = experts.first, experts.count
+        ex, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
+            self._k(x), ids.to(torch.int32), expert_num=experts.n_experts, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, active_expert_range=[first, first + count], row_idx_type=0)
+        n = ex.shape[0]
+        if n == 0:  # no copy routed to a local expert
+            return torch.zeros((T, x.shape[1]), dtype=F32, device=self.device)
+        # routing weight of each expanded row (row_idx maps source copy t*K + j -> expanded row, -1 if remote);
+        # it scales the SwiGLU output before the down projection, the reference's order
+        ok = row_idx >= 0
+        w_exp = torch.zeros(n, dtype=F32, device=self.device)
+        w_exp[row_idx[ok].to(torch.int64)] = weights.reshape(-1)[ok]
+        stacked = self._stacked(experts)
+        swiglu = self._pick("swiglu", {"dtype": self.dtype})
+        if stacked is not None:
+            w13, w2 = stacked
+            gu = self.npu.npu_grouped_matmul([ex], [w13], group_list=counts, group_list_type=1, group_type=0,
+                                             split_item=3)[0].to(F32)
+            h = swiglu(gu, limit) * w_exp[:, None]
+            y = self.npu.npu_grouped_matmul([self._k(h)], [w2], group_list=counts, group_list_type=1, group_type=0,
+                                            split_item=3)[0]
+        else:
+            # quantized experts: each local expert's row block through the linear lowering (W8A8: npu_quant_matmul);
+            # per-token activation quantization makes row blocks independent, so this equals one grouped GEMM
+            exf, parts, a = ex.to(F32), [], 0
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    rows = exf[a:a + c]
+                    gu = torch.cat([self.linear(rows, experts.w1[e]), self.linear(rows, experts.w3[e])], dim=-1)
+                    parts.append(self.linear(swiglu(gu, limit) * w_exp[a:a + c, None], experts.w2[e]))
+                    a += c
+            y = torch.cat(parts, dim=0)
+        # -1 rows of row_idx read as zero rows: remote experts add nothing
+        out = self.npu.npu_moe_finalize_routing(self._k(y), None, None, None, None, row_idx, None, drop_pad_mode=2,
+                                                k=K)
+        return out.to(F32)
+
+    def _moe_experts_composed(self, x, weights, ids, experts, limit):
+        T, k = ids.shape
+        flat = ids.reshape(-1)
+        flat = torch.where(flat < 0, experts.n_experts, flat)  # -1 (no expert) sorts last and is skipped
+        order = torch.sort(flat, stable=True).indices  # init_routing: copies grouped by expert
+        counts = torch.bincount(flat, minlength=experts.n_experts).tolist()
+        ys = torch.zeros((T * k, x.shape[1]), dtype=F32, device=self.device)
+        wflat = weights.reshape(-1)
+        swiglu = self._pick("swiglu", {"dtype": self.dtype})
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            rows = order[start:start + n]
+            start += n
+            le = experts.local(e)
+            if not 0 <= le < experts.count:
+                continue  # held by another expert-parallel rank
+            xt = x[rows // k]
+            gu = torch.cat([self.linear(xt, experts.w1[le]), self.linear(xt, experts.w3[le])], dim=-1)
+            ys[rows] = self.linear(swiglu(gu, limit) * wflat[rows][:, None], experts.w2[le])
+        return ys.reshape(T, k, x.shape[1]).sum(dim=1)
+
+    # ---- sampling ---------------------------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rng: Any) -> np.ndarray:
+        return self._pick("sample", {})(logits, temperature, top_k, top_p, rng)
+
+    def _sample_composed(self, logits, temperature, top_k, top_p, rng):
+        # on the host with the caller's numpy Generator: the same draws as the NumPy reference
+        return sample_numpy(self.to_numpy(logits).astype(np.float32), temperature, top_k, top_p, rng)
+
+
+def torch_backend(device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
+                  dtype: str = "float32") -> TorchBackend:
+    """Factory used by `ops.get_backend("torch")`."""
+    return TorchBackend(device=device, soc=soc, providers=providers, dtype=dtype)
