@@ -306,6 +306,7 @@ class Job:
     keep_prompt_logits: bool = False
     timeout: float = DEFAULT_TIMEOUT
     result_path: str | None = None  # rank 0 pickles its results here (spawned ranks)
+    record_ops: str | None = None  # rank 0 records every op output of its first prompt to this .npz
 
 
 @dataclass
@@ -343,7 +344,13 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
         t0 = time.perf_counter()
         lm = load_model(job.model, say, experts=range(first, first + count))
         backend = make_backend(job.backend, job.device, soc)
-        model = Model(lm.cfg, lm.weights, EPBackend(backend, ep), expert_range=(first, count))
+        ep_backend = EPBackend(backend, ep)
+        recorder = None
+        if job.record_ops and rank == 0:
+            from ops.recording import RecordingBackend
+
+            recorder = RecordingBackend(ep_backend, job.backend)
+        model = Model(lm.cfg, lm.weights, recorder or ep_backend, expert_range=(first, count))
         # loading may take far longer than a collective should: wait for the slowest rank here, with its own
         # bound, so --dist-timeout only has to cover the generation's collectives
         collective("model-loaded barrier", dist.monitored_barrier, group=ctrl,
@@ -356,6 +363,9 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
             ep.strategy = strategy
             ep.stats.clear()
             res = generate_dp(model, job.prompts, job.params, ctx, job.keep_prompt_logits)
+            if recorder is not None and not recorder.saved:
+                recorder.save(job.record_ops, {"prompt_ids": job.prompts[0], "output_ids": res.output_ids[0],
+                                               "model": str(job.model), "nproc": world, "moe_comm": strategy})
             if rank == 0:
                 results.append(RunResult(strategy, res, dict(ep.stats), lm.source, backend.name, world))
         if rank == 0 and job.result_path:
@@ -516,7 +526,7 @@ def _stop(procs: list) -> list[int]:
 def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int, backend: str = "cpu",
                    device: str = "cpu", moe_comm: Sequence[str] = ("auto",), soc: str | None = None,
                    keep_prompt_logits: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                   run_timeout: float | None = None) -> list[RunResult]:
+                   run_timeout: float | None = None, record_ops: str | None = None) -> list[RunResult]:
     """Spawn `nproc` local ranks, generate once per strategy in `moe_comm` (one model load), return rank 0's
     results. The Python face of `dsv4 generate --nproc N`."""
     from .ep import MOE_COMM_CHOICES, expert_split_error
@@ -530,7 +540,7 @@ def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int
         raise ValueError(err)
     with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
         job = Job(model, [list(map(int, p)) for p in prompts], params, backend, device, list(moe_comm), soc,
-                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"))
+                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops)
         launch(nproc, run_rank, (job,), timeout=run_timeout)
         with open(job.result_path, "rb") as f:
             return pickle.load(f)
@@ -565,7 +575,7 @@ def run_generate_distributed(args: Any) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     prompts = make_prompts(args, cfg, tokenizer)
     job = Job(args.model, prompts, params, args.backend, args.device, [args.moe_comm], args.soc,
-              bool(args.logits_out), args.dist_timeout)
+              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops)
 
     if torchrun:
         holder: dict[str, Any] = {}

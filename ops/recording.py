@@ -33,6 +33,7 @@ class RecordingBackend:
         self._scope = "model"
         self._counts: dict[tuple[str, str], int] = defaultdict(int)
         self._forward = 0
+        self.saved = False
 
     def enter_scope(self, name: str) -> None:
         if name == "embed":  # a new forward call starts
@@ -69,6 +70,7 @@ class RecordingBackend:
         header = {"keys": list(self.records), "label": self.label, "backend": self.name, **(meta or {})}
         np.savez(tmp, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
         tmp.replace(path)
+        self.saved = True
 
 
 def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:

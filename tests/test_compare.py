@@ -75,3 +75,25 @@ def test_dump_for_another_prompt_is_refused(tmp_path):
          check=True)
     p = dsv4("compare", "--model", "tiny", "--a", f"dump:{dump}", "--b", "cpu", "--prompt-ids", "5,6,8")
     assert p.returncode != 0 and "recorded for prompt" in p.stderr
+
+
+def test_multi_rank_run_compares_with_the_reference(tmp_path):
+    dump = tmp_path / "ep.npz"
+    p = dsv4("compare", "--model", "tiny", "--b", "cpu", "--nproc", "2", "--moe-comm", "alltoall", "--steps", "1",
+             "--save-b", str(dump), "--json", check=True)
+    out = json.loads(p.stdout)
+    assert out["summary"]["first_divergence"] is None and out["summary"]["greedy_agree"]
+    assert out["summary"]["max_rel"] < 1e-4
+    recs, header = load_recording(dump)
+    assert header["nproc"] == 2 and header["moe_comm"] == "alltoall"
+    assert any("/moe_experts" in k for k in recs)
+
+
+def test_generate_record_ops_dump_compares(tmp_path):
+    dump = tmp_path / "gen.npz"
+    dsv4("generate", "--model", "tiny", "--backend", "torch", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "2",
+         "--record-ops", str(dump), check=True)
+    p = dsv4("compare", "--model", "tiny", "--a", f"dump:{dump}", "--b", "cpu", "--prompt-ids", "5,6,7,8",
+             "--steps", "1", "--json", check=True)
+    out = json.loads(p.stdout)
+    assert out["summary"]["a"] == "torch" and out["summary"]["first_divergence"] is None

@@ -28,6 +28,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
+    p.add_argument("--record-ops", metavar="FILE.npz",
+                   help="record every op output of the (first) prompt, for `dsv4 compare --a dump:FILE.npz`")
     d = p.add_argument_group("multi-rank (attention data parallel + MoE expert parallel, torch.distributed)")
     d.add_argument("--nproc", type=int, default=1,
                    help="ranks to launch on this node (must divide n_routed_experts); under torchrun the "
@@ -60,6 +62,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="relative error that counts as divergence")
     p.add_argument("--save-a", help="save run a's op outputs to FILE.npz")
     p.add_argument("--save-b", help="save run b's op outputs to FILE.npz")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="run b on N expert-parallel ranks (gloo on CPU); rank 0's ops are compared")
+    p.add_argument("--moe-comm", default="auto", help="MoE communication strategy of the --nproc run")
     p.add_argument("--all", action="store_true", help="list every op output, not only per-scope maxima")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)

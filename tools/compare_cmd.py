@@ -18,6 +18,25 @@ from .errors import EXIT_USAGE, CliError, log
 from .generate_cmd import parse_prompt_ids
 
 
+def _record_multi(spec: str, args, prompt: list[int]) -> tuple[dict, dict]:
+    """Run backend `spec` on --nproc expert-parallel ranks; rank 0 (which owns the prompt) records its ops."""
+    import tempfile
+    from pathlib import Path
+
+    from ascend.distributed import RankFailed, generate_multi
+
+    with tempfile.TemporaryDirectory(prefix="dsv4-compare-") as tmp:
+        dump = args.save_b or str(Path(tmp) / "rank0.npz")
+        try:
+            generate_multi(args.model, [prompt], SamplingParams(max_new_tokens=args.steps + 1, stop_on_eos=False),
+                           args.nproc, backend=spec, moe_comm=(args.moe_comm,), record_ops=dump)
+        except (RankFailed, ValueError) as e:
+            raise CliError(f"--nproc {args.nproc} run of {spec}: {e}") from None
+        recs, header = load_recording(dump)
+    header["label"] = f"{spec} x{args.nproc} ranks ({args.moe_comm})"
+    return recs, header
+
+
 def _record(spec: str, lm, prompt: list[int], steps: int) -> tuple[dict, dict]:
     if spec.startswith("dump:"):
         path = spec[len("dump:"):]
@@ -46,9 +65,14 @@ def run_compare(args) -> int:
     prompt = parse_prompt_ids(args.prompt_ids, lm.cfg.vocab_size)[0] if args.prompt_ids else \
         list(range(2, min(lm.cfg.vocab_size, 2 + 2 * lm.cfg.window)))
     ra, ha = _record(args.a, lm, prompt, args.steps)
-    rb, hb = _record(args.b, lm, prompt, args.steps)
+    if args.nproc > 1:
+        if args.b.startswith("dump:"):
+            raise CliError("--nproc runs backend b live; it cannot be a dump", EXIT_USAGE)
+        rb, hb = _record_multi(args.b, args, prompt)
+    else:
+        rb, hb = _record(args.b, lm, prompt, args.steps)
     for spec, header, path in ((args.a, ha, args.save_a), (args.b, hb, args.save_b)):
-        if path:
+        if path and not (spec == args.b and args.nproc > 1):  # a multi-rank run saved its dump directly
             if "recorder" not in header:
                 raise CliError(f"--save for {spec}: it is already a dump")
             header["recorder"].save(path, {"prompt_ids": prompt, "output_ids": header["output_ids"],

@@ -125,7 +125,12 @@ def run_generate(args) -> int:
     lm = load_model(args.model, log)
     cfg = lm.cfg
     prompts = make_prompts(args, cfg, lm.tokenizer)
-    model = Model(cfg, lm.weights, backend)
+    recorder = None
+    if args.record_ops:
+        from ops.recording import RecordingBackend
+
+        recorder = RecordingBackend(backend, args.backend)
+    model = Model(cfg, lm.weights, recorder or backend)
     load_s = time.perf_counter() - t0
     log(f"loaded {lm.source} in {load_s:.2f}s: {cfg.n_layers} layers, backend {backend.name}")
 
@@ -134,5 +139,9 @@ def run_generate(args) -> int:
     res = generate(model, prompts, params, keep_prompt_logits=bool(args.logits_out),
                    on_step=lambda n: bar.update(1))
     bar.close()
+    if recorder is not None:
+        recorder.save(args.record_ops, {"prompt_ids": prompts[0], "output_ids": res.output_ids[0],
+                                        "model": str(args.model)})
+        log(f"recorded {len(recorder.records)} op outputs to {args.record_ops}")
     emit_result(args, result_dict(lm.source, backend.name, res, lm.tokenizer), res, lm.tokenizer)
     return 0
