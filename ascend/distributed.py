@@ -206,7 +206,7 @@ def generate_dp(model: Any, prompts: Sequence[Sequence[int]], params: Any, ctx: 
     import torch
     import torch.distributed as dist
 
-    from common.generate import GenerationResult
+    from common.generate import GenerationResult, advance
 
     from .ep import collective
 
@@ -251,15 +251,7 @@ def generate_dp(model: Any, prompts: Sequence[Sequence[int]], params: Any, ctx: 
     active = list(mine)
     steps = 0
     while params.max_new_tokens:
-        still = []
-        for j, s in enumerate(active):
-            t = int(nxt[j])
-            outputs[s].append(t)
-            if t in eos:
-                reasons[s] = "eos"
-            elif len(outputs[s]) < params.max_new_tokens:
-                still.append(s)
-        active = still
+        active = advance(outputs, reasons, active, nxt, eos, params.max_new_tokens)
         flags = torch.zeros(n, dtype=torch.int64)
         flags[active] = 1
         collective("active-sequence all_reduce", dist.all_reduce, flags, group=ctx.ctrl)

@@ -80,7 +80,7 @@ class Weights(dict):
     mtp_enabled: bool = False
 
 
-def _resolve_names(ckpt: Checkpoint) -> dict[str, tuple[str, object]]:
+def resolve_names(ckpt: Checkpoint) -> dict[str, tuple[str, object]]:
     """official name -> (checkpoint name, selector). selector: None, or (expert, 'w1'|'w3'|'w2') in a fused tensor."""
     out: dict[str, tuple[str, object]] = {}
     for cname in ckpt:
@@ -99,6 +99,14 @@ def _resolve_names(ckpt: Checkpoint) -> dict[str, tuple[str, object]]:
         if off is not None:
             out[off] = (cname, None)
     return out
+
+
+def lookup(ckpt: Checkpoint, resolved: dict[str, tuple[str, object]], name: str) -> tuple[str, object]:
+    """(checkpoint name, selector) of an expected tensor; a missing one is an error naming both spellings."""
+    if name not in resolved:
+        hf = names.official_to_hf(name) if ckpt.hf_naming else None
+        raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}" + (f" (transformers name {hf!r})" if hf else ""))
+    return resolved[name]
 
 
 def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tuple[int, ...]):
@@ -122,7 +130,7 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
     read through `ops.quant` (see `_quantized`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    resolved = _resolve_names(ckpt)
+    resolved = resolve_names(ckpt)
     w = Weights()
     mtp_present = any(n.startswith("mtp.") for n in resolved)
     w.mtp_enabled = cfg.n_mtp_layers > 0 and mtp_present
@@ -133,11 +141,7 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
         return name if cname == name else f"{name} (stored as {cname})"
 
     for name, shape, kind in names.expected_tensors(cfg, with_mtp=w.mtp_enabled, experts=experts):
-        if name not in resolved:
-            hf = names.official_to_hf(name) if ckpt.hf_naming else None
-            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}"
-                                  + (f" (transformers name {hf!r})" if hf else ""))
-        cname, sel = resolved[name]
+        cname, sel = lookup(ckpt, resolved, name)
         used.add(cname)
         info = ckpt.info(cname)
         if sel is None:

@@ -54,6 +54,20 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def advance(outputs: list[list[int]], reasons: list[str], active: list[int], nxt, eos: set[int],
+            max_new_tokens: int) -> list[int]:
+    """Append each active sequence's sampled token; return those still generating (no EOS, under the limit)."""
+    still = []
+    for j, s in enumerate(active):
+        t = int(nxt[j])
+        outputs[s].append(t)
+        if t in eos:
+            reasons[s] = "eos"
+        elif len(outputs[s]) < max_new_tokens:
+            still.append(s)
+    return still
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
              keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress)."""
@@ -80,15 +94,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     active = list(range(len(prompts)))
     steps = 0
     while active and params.max_new_tokens:
-        still = []
-        for j, s in enumerate(active):
-            t = int(nxt[j])
-            outputs[s].append(t)
-            if t in eos:
-                reasons[s] = "eos"
-            elif len(outputs[s]) < params.max_new_tokens:
-                still.append(s)
-        active = still
+        active = advance(outputs, reasons, active, nxt, eos, params.max_new_tokens)
         if not active:
             break
         out = model.forward([caches[s] for s in active], [[outputs[s][-1]] for s in active])

@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from common import names
-from common.checkpoint import INDEX, Checkpoint, _resolve_names
+from common.checkpoint import INDEX, Checkpoint, lookup, resolve_names
 from common.config import ModelConfig, load_config
 from common.safetensors_io import DTYPES, TAGS, CheckpointError
 from ops import quant
@@ -286,16 +286,12 @@ def _loc(ckpt: Checkpoint, cname: str) -> Loc:
 
 def scan_source(cfg: ModelConfig, ckpt: Checkpoint) -> tuple[list[Source], list[str]]:
     """Every tensor the model reads, validated from headers alone (the loader's rules); plus unused names."""
-    resolved = _resolve_names(ckpt)
+    resolved = resolve_names(ckpt)
     with_mtp = cfg.n_mtp_layers > 0 and any(n.startswith("mtp.") for n in resolved)
     out: list[Source] = []
     used: set[str] = set()
     for name, shape, kind in names.expected_tensors(cfg, with_mtp=with_mtp):
-        if name not in resolved:
-            hf = names.official_to_hf(name) if ckpt.hf_naming else None
-            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r}"
-                                  + (f" (transformers name {hf!r})" if hf else ""))
-        cname, sel = resolved[name]
+        cname, sel = lookup(ckpt, resolved, name)
         used.add(cname)
         info = ckpt.info(cname)
         shown = name if cname == name else f"{name} (stored as {cname})"
