@@ -334,7 +334,7 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
         ep = ExpertParallel.create(job.moe_comm[0], soc, job.device)
         ctrl = dist.new_group(backend="gloo")
         t0 = time.perf_counter()
-        lm = load_model(job.model, say, experts=range(first, first + count))
+        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world)
         backend = make_backend(job.backend, job.device, soc)
         ep_backend = EPBackend(backend, ep)
         recorder = None
@@ -561,6 +561,10 @@ def run_generate_distributed(args: Any) -> int:
     err = expert_split_error(cfg.n_routed_experts, world)
     if err:
         raise CliError(f"--nproc {world}: {err}", EXIT_USAGE)
+    if Path(args.model).is_dir():  # a `dsv4 convert --ep N` output must be run on N ranks: check before spawning
+        from common.loading import split_indexes
+
+        split_indexes(Path(args.model), 0, world)
     try:
         _parse_fault(os.environ.get(FAULT_ENV))
     except ValueError as e:

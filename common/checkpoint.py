@@ -8,6 +8,7 @@ bf16/fp16 are widened once; fused transformers expert tensors become per-expert 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,24 +23,17 @@ INDEX = "model.safetensors.index.json"
 
 
 class Checkpoint:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, indexes: list[Path] | None = None):
+        """`indexes`: read these index files (e.g. the per-rank indexes of a split conversion) instead of
+        the directory's own; their shard paths are relative to each index's folder."""
         self.dir = Path(model_dir)
-        index = self.dir / INDEX
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-            for fname in sorted(set(weight_map.values())):
-                if not (self.dir / fname).is_file():
-                    raise CheckpointError(f"{index}: names shard {fname!r}, which does not exist in {self.dir}")
-                self.files[fname] = SafetensorsFile(self.dir / fname)
-            for tname, fname in weight_map.items():
-                if tname not in self.files[fname].tensors:
-                    raise CheckpointError(f"{index}: tensor {tname!r} is listed in {fname}, which does not hold it")
-                self.where[tname] = fname
+        if indexes is None and (self.dir / INDEX).is_file():
+            indexes = [self.dir / INDEX]
+        if indexes:
+            for index in indexes:
+                self._read_index(Path(index))
         else:
             shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not shards:
@@ -53,6 +47,24 @@ class Checkpoint:
                                               f"{self.where[tname]} and {fname}")
                     self.where[tname] = fname
         self.hf_naming = any(names.is_hf_name(n) for n in self.where)
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        for tname, rel in weight_map.items():
+            path = index.parent / rel
+            fname = os.path.relpath(path, self.dir)
+            if fname not in self.files:
+                if not path.is_file():
+                    raise CheckpointError(f"{index}: names shard {rel!r}, which does not exist in {index.parent}")
+                self.files[fname] = SafetensorsFile(path)
+            if tname not in self.files[fname].tensors:
+                raise CheckpointError(f"{index}: tensor {tname!r} is listed in {rel}, which does not hold it")
+            if self.where.get(tname, fname) != fname:
+                raise CheckpointError(f"{index}: tensor {tname!r} is also in {self.where[tname]}")
+            self.where[tname] = fname
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,38 @@ def is_preset(spec: str) -> bool:
     return not Path(spec).exists() and spec in preset_names()
 
 
-def load_model(spec: str, log=None, experts: range | None = None) -> LoadedModel:
+CONVERT_INFO = "dsv4_convert.json"  # written by `dsv4 convert`; its `parallel` section describes a split layout
+
+
+def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[Path] | None:
+    """The index files to read from a `dsv4 convert --ep N` output: one rank's (multi-rank run) or every
+    rank's (single process); None for an unsplit directory."""
+    info_path = model_dir / CONVERT_INFO
+    if not info_path.is_file():
+        return None
+    try:
+        par = json.loads(info_path.read_text()).get("parallel") or {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{info_path}: not valid JSON ({e})") from None
+    ranks = par.get("ranks") or []
+    if int(par.get("world_size", 1)) <= 1 or not ranks:
+        return None
+    if int(par.get("tp", 1)) > 1:
+        raise ConfigError(f"{model_dir}: converted with --tp {par['tp']}; this runtime runs attention data-parallel "
+                          f"and loads only --tp 1 conversions")
+    if rank is None:
+        return [model_dir / r["index"] for r in ranks]
+    if world != len(ranks):
+        raise ConfigError(f"{model_dir}: converted for {len(ranks)} expert-parallel ranks (--ep {par.get('ep')}), "
+                          f"this run has {world}")
+    return [model_dir / ranks[rank]["index"]]
+
+
+def load_model(spec: str, log=None, experts: range | None = None, rank: int | None = None,
+               world: int | None = None) -> LoadedModel:
     """Config, weights and tokenizer for a directory or preset; `experts` keeps only that slice of the
-    routed experts (an expert-parallel rank's share)."""
+    routed experts (an expert-parallel rank's share). A `dsv4 convert --ep N` output is read through
+    rank `rank`'s index when given (each rank maps only its own experts), else through all of them."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if is_preset(spec):
         cfg, preset = load_preset(spec)
@@ -56,6 +86,6 @@ def load_model(spec: str, log=None, experts: range | None = None) -> LoadedModel
         tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
     cfg = load_config(spec)
-    ckpt = Checkpoint(spec)
+    ckpt = Checkpoint(spec, split_indexes(Path(spec), rank, world))
     weights = load_weights(cfg, ckpt, log, experts)
     return LoadedModel(cfg, weights, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec), ckpt)

@@ -254,6 +254,19 @@ def test_w4a8_default_group_must_divide_k(release, root):
 
 # ---- 5. expert / tensor-parallel layouts, manifest and --verify ---------------------------------------
 
+def test_expert_parallel_conversion_runs_on_its_ranks(cfg, release, converted, root):
+    """Each rank maps only its own slice of a --ep 2 conversion; tokens equal the unsplit conversion's."""
+    dst = root / "w8a8-ep2-run"
+    dsv4("convert", "--src", str(release), "--dst", str(dst), "--format", "w8a8", "--ep", "2", check=True)
+    ids = ",".join(map(str, _prompt(cfg, 20)))
+    args = ("generate", "--prompt-ids", f"{ids};5,6,7", "--max-new-tokens", "8", "--ignore-eos", "--json")
+    want = json.loads(dsv4(*args, "--model", str(converted["w8a8"]), check=True).stdout)["output_ids"]
+    for extra in ((), ("--nproc", "2", "--moe-comm", "alltoall")):
+        got = json.loads(dsv4(*args, "--model", str(dst), *extra, check=True).stdout)["output_ids"]
+        assert got == want, extra
+    _fails(dsv4(*args, "--model", str(dst), "--nproc", "4"), "converted for 2 expert-parallel ranks")
+
+
 @pytest.mark.parametrize("ep", [2, 4])
 def test_expert_parallel_layout(cfg, release, converted, root, ep):
     dst = root / f"w8a8-ep{ep}"
