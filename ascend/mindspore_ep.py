@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+# absolute imports: msrun runs this file as a script (see `dsv4 deploy --launcher msrun`)
+from ascend import soc as socmod
 from ops.contract import ExpertWeights
-
-from . import soc as socmod
 
 EP_GROUP = "dsv4_ep"
 
@@ -195,12 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
 
+    from ascend.mindspore_backend import MindSporeBackend
     from common.config import load_config, load_preset
     from common.generate import SamplingParams, generate
     from common.loading import is_preset, load_model
     from common.model import Model
-
-    from .mindspore_backend import MindSporeBackend
 
     B = MindSporeBackend(device="ascend", expert_parallel=True)
     cfg = load_preset(args.model)[0] if is_preset(args.model) else load_config(args.model)

@@ -360,6 +360,12 @@ def test_deploy_renders_valid_files_for_a_2_node_a2_cluster(tmp_path, launcher):
         assert "-m tools.cli generate --model" in node1 and "--backend torch --device npu --soc A2" in node1
     else:
         assert "msrun --worker_num=16 --local_worker_num=8" in node1 and "--node_rank=1" in node1
+        # msrun runs a script file: the MindSpore EP entry point must work as one (absolute imports)
+        assert "import ascend.mindspore_ep as m" in node1 and '"$DSV4_MS_EP" --model "$MODEL"' in node1
+        import ascend.mindspore_ep as ms_ep
+
+        r = subprocess.run([sys.executable, ms_ep.__file__, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--prompt-ids" in r.stdout, r.stderr
     pre = (out / "preflight_node1.sh").read_text()
     for needle in ("npu-smi info", "hccn_tool -i \"$dev\" -link -g", "hccn_tool -i \"$dev\" -ip -g",
                    "1:192.168.101.102", "mem_get_info", "sha256sum -c", "torch_npu", "version.info"):

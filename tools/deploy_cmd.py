@@ -121,8 +121,9 @@ def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_
         f"# {cluster.describe()}; this node runs ranks {first}..{first + node.ranks - 1} "
         f"({node.ranks} processes, one per {'device' if cluster.is_npu else 'process slot'}).",
         f"# Start it on {node.name} ({node.host_ip}); start every node's script (any order: the rendezvous waits).",
-        "# Arguments are passed to `dsv4 generate`, e.g.  ./" + f"launch_node{node.index}.sh --prompt-ids 0,5,6 "
-        "--max-new-tokens 16 --json",
+        ("# Arguments are passed to ascend/mindspore_ep.py, e.g.  ./" if launcher == "msrun" else
+         "# Arguments are passed to `dsv4 generate`, e.g.  ./") + f"launch_node{node.index}.sh --prompt-ids 0,5,6 "
+        "--max-new-tokens 16" + ("" if launcher == "msrun" else " --json"),
         "# Overrides: MODEL=<dir> PYTHON=<interpreter> MASTER_PORT=<port> HCCL_BUFFSIZE=<MB>",
         "set -euo pipefail",
         "HERE=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")\" && pwd)\"",
@@ -143,13 +144,13 @@ def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_
     else:
         cmd = [
             "",
-            "# msrun (MindSpore) starts the ranks; it runs a script file, so locate the dsv4 entry point",
-            "DSV4_CLI=\"$(\"$PYTHON\" -c 'import tools.cli as m; print(m.__file__)')\"",
+            "# msrun (MindSpore) starts the ranks and runs a script file: the MindSpore expert-parallel entry point",
+            "DSV4_MS_EP=\"$(\"$PYTHON\" -c 'import ascend.mindspore_ep as m; print(m.__file__)')\"",
             f"LOG_DIR=\"${{LOG_DIR:-$HERE/msrun_log_node{node.index}}}\"",
             f"exec msrun --worker_num={W} --local_worker_num={node.ranks} \\",
             f"    --master_addr=\"$MASTER_ADDR\" --master_port=\"$MASTER_PORT\" --node_rank={node.index} \\",
             f"    --log_dir=\"$LOG_DIR\" --join=True --cluster_time_out={cluster.hccl_connect_timeout_s} \\",
-            f"    \"$DSV4_CLI\" generate --model \"$MODEL\" {gen} \"$@\"",
+            "    \"$DSV4_MS_EP\" --model \"$MODEL\" \"$@\"",
         ]
     return "\n".join(head + env + cmd) + "\n"
 
@@ -382,9 +383,10 @@ def render_readme(cluster: Cluster, model: str, launcher: str, plan_info: dict[s
         "use a smaller weight format (`dsv4 plan` shows the options).",
     ]
     if launcher == "msrun":
-        L += ["- msrun: the launch scripts run `dsv4 generate --backend mindspore`; the multi-rank runtime joins its "
-              "process group from torchrun's environment (RANK / WORLD_SIZE), so use `--launcher torchrun` until the "
-              "MindSpore multi-rank path exists."]
+        L += ["- msrun: the launch scripts run `ascend/mindspore_ep.py` on every rank (MindSpore backend on Ascend, "
+              "experts split over mindspore.communication); it takes `--prompt-ids` and `--max-new-tokens` and rank 0 "
+              "prints one JSON line. This path has not run on NPU hardware yet; `--launcher torchrun` is the tested "
+              "one."]
     return "\n".join(L) + "\n"
 
 
