@@ -105,6 +105,13 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
 
 
+def _reject_unknown(doc: dict, known, where: str) -> None:
+    """A field the format does not define is an error naming it (a typo must not be silently ignored)."""
+    for k in doc:
+        if k not in known:
+            raise ClusterError(f"{where}: unknown field {k!r} (known: {', '.join(sorted(known))})")
+
+
 def load_hardware(name: str) -> Hardware:
     """The profile `configs/hardware/NAME.yaml`; ClusterError naming the field for a malformed one."""
     path = HARDWARE_DIR / f"{name}.yaml"
@@ -113,9 +120,7 @@ def load_hardware(name: str) -> Hardware:
     doc = _read_yaml(path, "hardware profile")
     if not isinstance(doc, dict):
         raise ClusterError(f"{path}: expected a mapping")
-    for k in doc:
-        if k not in _HW_KEYS:
-            raise ClusterError(f"{path}: unknown field {k!r}")
+    _reject_unknown(doc, _HW_KEYS, str(path))
     for k in _HW_KEYS:
         if k not in doc:
             raise ClusterError(f"{path}: missing field {k!r}")
@@ -241,9 +246,7 @@ def load_cluster(spec: str | Path, cfg: ModelConfig | None = None) -> Cluster:
     doc = _read_yaml(path, "cluster file")
     if not isinstance(doc, dict):
         raise ClusterError(f"{where}: expected a mapping with 'hardware' and 'nodes'")
-    for k in doc:
-        if k not in _TOP_KEYS:
-            raise ClusterError(f"{where}: unknown field {k!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    _reject_unknown(doc, _TOP_KEYS, where)
     if "hardware" not in doc:
         raise ClusterError(f"{where}: missing field 'hardware' (a profile: {', '.join(hardware_names())})")
     try:
@@ -254,9 +257,7 @@ def load_cluster(spec: str | Path, cfg: ModelConfig | None = None) -> Cluster:
     launcher = doc.get("launcher") or {}
     if not isinstance(launcher, dict):
         raise ClusterError(f"{where}: launcher: expected a mapping")
-    for k in launcher:
-        if k not in _LAUNCHER_KEYS:
-            raise ClusterError(f"{where}: launcher.{k}: unknown field (known: {', '.join(sorted(_LAUNCHER_KEYS))})")
+    _reject_unknown(launcher, _LAUNCHER_KEYS, f"{where}: launcher")
     default = launcher.get("default", "torchrun")
     if default not in LAUNCHERS:
         raise ClusterError(f"{where}: launcher.default: {default!r} is not one of {', '.join(LAUNCHERS)}")
@@ -314,9 +315,7 @@ def _node(raw: Any, i: int, hw: Hardware, where: str) -> Node:
         raise ClusterError(f"{where}: nodes[{i}]: expected a mapping")
     name = str(raw.get("name") or f"node{i}")
     label = f"{where}: nodes[{i}] ({name})"
-    for k in raw:
-        if k not in _NODE_KEYS:
-            raise ClusterError(f"{label}: unknown field {k!r} (known: {', '.join(sorted(_NODE_KEYS))})")
+    _reject_unknown(raw, _NODE_KEYS, label)
     host_ip = _ip(raw["host_ip"], f"{label}: host_ip") if raw.get("host_ip") is not None else None
     if_name = raw.get("if_name")
     if if_name is not None and not _IFNAME.match(str(if_name)):
