@@ -180,7 +180,7 @@ class Model:
             y = y + B.swiglu_mlp(x, w[f"{s}.w1.weight"], w[f"{s}.w3.weight"], w[f"{s}.w2.weight"], cfg.swiglu_limit)
         return y
 
-    def _compress(self, st: CompressorState, kv, score, p: str, rope) -> Any:
+    def _compress(self, st: CompressorState, kv, score, p: str) -> Any:
         """Feed projected rows into a compressor; return the entries of the groups they close (or None)."""
         B, cfg, w = self.B, self.cfg, self.w
         r, c = st.ratio, st.width
@@ -248,12 +248,12 @@ class Model:
             kpos = B.cat([old, qpos])
             comp, sel = None, None
             if kind != SWA:
-                ent = self._compress(lc.comp, ckv[a:b], csc[a:b], f"{p}.compressor", rope)
+                ent = self._compress(lc.comp, ckv[a:b], csc[a:b], f"{p}.compressor")
                 if ent is not None:
                     lc.comp_kv.append(ent)
                 comp = lc.comp_kv.view()
             if kind == CSA:
-                ient = self._compress(lc.index_comp, ikv[a:b], isc[a:b], f"{p}.indexer.compressor", rope)
+                ient = self._compress(lc.index_comp, ikv[a:b], isc[a:b], f"{p}.indexer.compressor")
                 if ient is not None:
                     lc.index_kv.append(ient)
                 sel = B.indexer_topk(iq[a:b], iw[a:b], lc.index_kv.view(), qpos, r, cfg.index_topk,
