@@ -326,11 +326,13 @@ def test_deploy_dry_run_writes_nothing(tmp_path):
     assert not out.exists()
     for name in ("rank_table.json", "launch_node0.sh", "launch_node1.sh", "preflight_node1.sh", "README.md"):
         assert str(out / name) in p.stdout
-    # an existing directory is left exactly as it was
+    # an existing directory is left exactly as it was (a non-empty one is refused without --force)
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    p = dsv4("deploy", "--model", "bench-small", "--cluster", "atlas800-a2-2node", "--out", str(out), "--dry-run")
+    assert p.returncode == 2 and "not empty" in p.stderr and "keep.txt" in p.stderr
     assert dsv4("deploy", "--model", "bench-small", "--cluster", "atlas800-a2-2node", "--out", str(out),
-                "--dry-run").returncode == 0
+                "--dry-run", "--force").returncode == 0
     assert sorted(q.name for q in out.iterdir()) == ["keep.txt"]
 
 

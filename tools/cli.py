@@ -178,6 +178,9 @@ def _add_deploy(sub) -> None:
     p.add_argument("--concurrency", type=int, default=1, help="concurrency used by the memory plan")
     p.add_argument("--master-port", type=int, default=None, help="override launcher.master_port")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, overwriting files with the names deploy writes (nothing "
+                        "else is touched); without it only an empty directory or an earlier deploy's is used")
     p.set_defaults(func=cmd_deploy)
 
 

@@ -92,11 +92,69 @@ def hardware_names() -> list[str]:
     return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
 
 
+MAX_YAML_BYTES = 1 << 20  # a cluster file is a few KiB; refuse anything that is not plausibly one
+MAX_YAML_ALIASES = 16  # a handful of `*anchor` uses is convenience; more is how an alias bomb is built
+
+
+class StrictYAMLError(yaml.YAMLError):
+    """A construct the strict loader refuses (too many aliases, a duplicate key)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently) and more than
+    MAX_YAML_ALIASES alias uses (nested anchors expand exponentially: 900 bytes became gigabytes)."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise StrictYAMLError(f"more than {MAX_YAML_ALIASES} alias (*anchor) uses, line {mark.line + 1} "
+                                      f"(refused: nested aliases expand exponentially)")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports unhashable keys
+                if key in seen:
+                    raise StrictYAMLError(f"duplicate key {key!r} on lines {seen[key]} and "
+                                          f"{key_node.start_mark.line + 1}")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_yaml_load(text: str) -> Any:
+    """Parse one YAML document with StrictLoader."""
+    loader = StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, what: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        if not path.is_file():
+            raise ClusterError(f"{path}: {what} is not a regular file")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ClusterError(f"{path}: {what} of {path.stat().st_size} bytes is larger than {MAX_YAML_BYTES}")
+        return safe_yaml_load(path.read_text())
     except OSError as e:
         raise ClusterError(f"{path}: cannot read {what} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ClusterError(f"{path}: {what} is not UTF-8 text") from None
+    except StrictYAMLError as e:
+        raise ClusterError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ClusterError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -211,7 +269,21 @@ class Cluster:
 _TOP_KEYS = {"name", "description", "hardware", "world_size", "parallel", "launcher", "nodes", "super_pod_id"}
 _LAUNCHER_KEYS = {"default", "master_port", "master_addr", "hccl_buffsize_mb", "hccl_connect_timeout_s", "env"}
 _NODE_KEYS = {"name", "host_ip", "if_name", "cards", "device_ids", "device_ip", "processes", "super_device_id"}
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+# Every value that reaches a rendered shell script is checked against one of these grammars (fullmatch: `$`
+# would also match before a trailing newline) and is shlex-quoted when rendered as well.
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # Linux IFNAMSIZ - 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # cluster and node names
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an IPv6 zone: an interface name or index
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]*")  # free text (env values): no control characters
+
+
+def check_name(value: Any, where: str) -> str:
+    """A cluster or node name: letters, digits, '_', '.', '-' (it appears in file headers and messages)."""
+    if not isinstance(value, str | int) or isinstance(value, bool) or not _NAME.fullmatch(str(value)):
+        raise ClusterError(f"{where}: {value!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64, "
+                           f"starting with a letter or digit)")
+    return str(value)
 
 
 def resolve_cluster_path(spec: str) -> Path:
@@ -219,6 +291,8 @@ def resolve_cluster_path(spec: str) -> Path:
     p = Path(spec)
     if p.is_file():
         return p
+    if p.exists():
+        raise ClusterError(f"{spec}: not a regular file (a cluster file is a YAML file)")
     bundled = CLUSTER_DIR / f"{spec}.yaml"
     if re.fullmatch(r"[A-Za-z0-9_.-]+", spec) and bundled.is_file():
         return bundled
@@ -226,11 +300,22 @@ def resolve_cluster_path(spec: str) -> Path:
     raise ClusterError(f"{spec}: no such cluster file (bundled clusters: {known})")
 
 
-def _ip(value: Any, where: str) -> str:
+def _ip(value: Any, where: str, scope: bool = False) -> str:
+    """An IPv4/IPv6 address in canonical form. Python's ipaddress accepts any text after an IPv6 '%' (spaces,
+    '$(...)', newlines), so a zone id is checked here: allowed only where `scope`, and then an interface name."""
+    if not isinstance(value, str) or isinstance(value, bool):
+        raise ClusterError(f"{where}: {value!r} is not an IP address (give it as a string)")
     try:
-        return str(ipaddress.ip_address(str(value)))
+        addr = ipaddress.ip_address(value)
     except ValueError:
         raise ClusterError(f"{where}: {value!r} is not an IP address") from None
+    zone = getattr(addr, "scope_id", None)
+    if zone is not None:
+        if not scope:
+            raise ClusterError(f"{where}: {value!r}: an IPv6 zone id ('%...') is not allowed here")
+        if not _SCOPE.fullmatch(zone):
+            raise ClusterError(f"{where}: {value!r}: the zone id after '%' must be an interface name or index")
+    return str(addr)
 
 
 def _int(value: Any, where: str, minimum: int = 1) -> int:
@@ -262,8 +347,12 @@ def load_cluster(spec: str | Path, cfg: ModelConfig | None = None) -> Cluster:
     if default not in LAUNCHERS:
         raise ClusterError(f"{where}: launcher.default: {default!r} is not one of {', '.join(LAUNCHERS)}")
     env = launcher.get("env") or {}
-    if not isinstance(env, dict) or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) for k in env):
+    if not isinstance(env, dict) or not all(isinstance(k, str) and _ENV_NAME.fullmatch(k) for k in env):
         raise ClusterError(f"{where}: launcher.env: expected a mapping of environment variable names to values")
+    for k, v in env.items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool) or not _PRINTABLE.fullmatch(str(v)):
+            raise ClusterError(f"{where}: launcher.env.{k}: {v!r} must be a string or number without control "
+                               f"characters")
 
     raw_nodes = doc.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
@@ -286,14 +375,20 @@ def load_cluster(spec: str | Path, cfg: ModelConfig | None = None) -> Cluster:
         raise ClusterError(f"{where}: parallel.attn_tp: {tp} must divide the {nodes[0].ranks} ranks of a node "
                            f"(attention tensor parallelism stays inside one node)")
     master_addr = launcher.get("master_addr")
-    master_addr = _ip(master_addr, f"{where}: launcher.master_addr") if master_addr is not None \
+    master_addr = _ip(master_addr, f"{where}: launcher.master_addr", scope=True) if master_addr is not None \
         else (nodes[0].host_ip or "127.0.0.1")
     spod = doc.get("super_pod_id")
+    if spod is not None:
+        check_name(spod, f"{where}: super_pod_id")
+    if doc.get("name") is not None:
+        name = check_name(doc["name"], f"{where}: name")
+    else:
+        name = check_name(path.stem, f"{where}: name (missing; the file name stands in for it)")
     if (spod is not None) != any(n.super_device_ids for n in nodes):
         raise ClusterError(f"{where}: super_pod_id: give both super_pod_id and every node's super_device_id "
                            f"(A3 SuperPoD rank table), or neither")
     cluster = Cluster(
-        path=where, name=str(doc.get("name") or path.stem), hardware=hw, nodes=tuple(nodes), launcher=default,
+        path=where, name=name, hardware=hw, nodes=tuple(nodes), launcher=default,
         master_port=_int(launcher.get("master_port", 29500), f"{where}: launcher.master_port", 1024),
         master_addr=master_addr,
         hccl_buffsize_mb=_int(launcher.get("hccl_buffsize_mb", 200 if not hw.is_npu else 1024),
@@ -313,13 +408,14 @@ def load_cluster(spec: str | Path, cfg: ModelConfig | None = None) -> Cluster:
 def _node(raw: Any, i: int, hw: Hardware, where: str) -> Node:
     if not isinstance(raw, dict):
         raise ClusterError(f"{where}: nodes[{i}]: expected a mapping")
-    name = str(raw.get("name") or f"node{i}")
+    name = check_name(raw["name"], f"{where}: nodes[{i}]: name") if raw.get("name") is not None else f"node{i}"
     label = f"{where}: nodes[{i}] ({name})"
     _reject_unknown(raw, _NODE_KEYS, label)
-    host_ip = _ip(raw["host_ip"], f"{label}: host_ip") if raw.get("host_ip") is not None else None
+    host_ip = _ip(raw["host_ip"], f"{label}: host_ip", scope=True) if raw.get("host_ip") is not None else None
     if_name = raw.get("if_name")
-    if if_name is not None and not _IFNAME.match(str(if_name)):
-        raise ClusterError(f"{label}: if_name: {if_name!r} is not a network interface name")
+    if if_name is not None and (not isinstance(if_name, str) or not _IFNAME.fullmatch(if_name)):
+        raise ClusterError(f"{label}: if_name: {if_name!r} is not a network interface name (letters, digits, "
+                           f"'_', '.', ':', '@', '-'; at most 15)")
     if hw.is_npu:
         if "processes" in raw:
             raise ClusterError(f"{label}: processes: NPU nodes run one rank per device; give 'cards' instead")
@@ -358,6 +454,10 @@ def _node(raw: Any, i: int, hw: Hardware, where: str) -> Node:
         if sdids is not None:
             if not isinstance(sdids, list) or len(sdids) != n_dev:
                 raise ClusterError(f"{label}: super_device_id: expected {n_dev} ids (one per device)")
+            for k, sd in enumerate(sdids):
+                if not (isinstance(sd, int) and not isinstance(sd, bool) and sd >= 0
+                        or isinstance(sd, str) and sd.isascii() and sd.isdigit()):
+                    raise ClusterError(f"{label}: super_device_id[{k}]: {sd!r} is not a device number")
             sdids = tuple(str(s) for s in sdids)
         return Node(i, name, host_ip, if_name, cards, tuple(ids), device_ips, sdids)
     for k in ("cards", "device_ip", "device_ids", "super_device_id"):

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, ModelConfig, load_config, load_preset
-from common.loading import is_preset
+from common.loading import CONVERT_INFO, is_preset, split_indexes
 
 from .cluster import Cluster, Node, load_cluster, rank_table_json
 from .errors import EXIT_USAGE, CliError, log
@@ -43,28 +45,81 @@ class Rendered:
     summary: str
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# characters a model path may hold: it is rendered into every script (quoted), and a path with shell
+# metacharacters or control characters is far more likely an attack or a mistake than a real directory
+_PATH = re.compile(r"[A-Za-z0-9_./+,:@=%~ -]+")
+
+
 def _q(v: Any) -> str:
     return shlex.quote(str(v))
 
 
+def _comment(text: str) -> str:
+    """A `#` comment line: a newline in `text` would end the comment and start a command."""
+    return "# " + _CONTROL.sub("?", text)
+
+
+def _default(var: str, value: Any, export: bool = False) -> list[str]:
+    """`VAR` from the caller's environment, else `value`; the value is never re-parsed by the shell (a
+    `${VAR:-value}` word inside double quotes would still run `$(...)` in it)."""
+    v = str(value)
+    pre = "export " if export else ""
+    if _q(v) == v:  # only characters shlex leaves unquoted: literal inside "${VAR:-...}"
+        return [f"{pre}{var}=\"${{{var}:-{v}}}\""]
+    return [f"_DSV4_DEFAULT_{var}={_q(v)}", f"{pre}{var}=\"${{{var}:-$_DSV4_DEFAULT_{var}}}\""]
+
+
+def check_model_path(path: str, where: str = "--model") -> str:
+    """A model path rendered into the scripts: printable, no shell metacharacters."""
+    if not path or not _PATH.fullmatch(path):
+        bad = sorted({c for c in path if not _PATH.fullmatch(c)}) if path else []
+        raise CliError(f"{where}: {path!r}: " + (f"character(s) {''.join(bad)!r} are not allowed in a path "
+                                                  f"rendered into shell scripts (letters, digits, space and "
+                                                  f"_./+,:@=%~- only); rename or symlink the directory"
+                                                  if bad else "empty path"), EXIT_USAGE)
+    return path
+
+
 # ---- model -------------------------------------------------------------------------------------------------
 
-def resolve_deploy_model(spec: str) -> tuple[ModelConfig, str, str | None]:
+def resolve_deploy_model(spec: str) -> tuple[ModelConfig | None, str, str | None]:
     """(config, the --model value the scripts pass, format recorded by dsv4 convert). Presets must carry
-    weights; directories must be readable here (the same path is expected on every node)."""
+    weights. A directory is read here when this machine sees it; the path is as seen on the nodes, so an
+    absolute path that does not exist here is accepted with a warning (config None: nothing model-specific
+    is checked or planned; the preflight scripts check it on each node)."""
     if is_preset(spec):
         cfg, preset = load_preset(spec)
         if not preset.get("random_weights"):
             raise ConfigError(f"preset {spec!r} describes the released model's shape only and has no weights; "
                               f"deploy a checkpoint directory (use `dsv4 plan --model {spec}` for planning)")
         return cfg, spec, None
+    check_model_path(spec)
     p = Path(spec)
+    if not p.exists():
+        if not p.is_absolute():
+            raise ConfigError(f"{spec}: not a preset and no such directory here; give the model directory as an "
+                              f"absolute path as seen on the nodes")
+        log(f"dsv4 deploy: warning: model directory {spec} does not exist on this machine; taking it as the path "
+            f"on the nodes (config, expert split and memory plan not checked here: run preflight_node<i>.sh)")
+        return None, spec, None
     if not p.is_dir():
-        raise ConfigError(f"{spec}: no such model directory here; run `dsv4 deploy` where the model is visible "
-                          f"(the launch scripts expect the same path on every node, or MODEL=... at launch)")
+        raise ConfigError(f"{spec}: not a directory (a model directory holds config.json and *.safetensors)")
     cfg = load_config(p)
     _, _, fmt = resolve_model(str(p))
-    return cfg, str(p.resolve()), fmt
+    return cfg, check_model_path(str(p.resolve()), f"--model {spec} (resolved)"), fmt
+
+
+def check_layout(model_dir: Path, world: int) -> None:
+    """A `dsv4 convert --ep N` output runs on exactly N ranks (the runtime refuses any other world size, after
+    the operator has started every node): refuse the mismatch here, reading the conversion record the way
+    the runtime does (common.loading.split_indexes)."""
+    try:
+        split_indexes(model_dir, 0, world)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the cluster has {world} ranks: convert again with --ep {world})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ConfigError(f"{model_dir / CONVERT_INFO}: malformed 'parallel' section ({e})") from None
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------
@@ -78,8 +133,8 @@ def _env_block(cluster: Cluster, node: Node) -> list[str]:
     hw = cluster.hardware
     lines = [
         "# torch.distributed rendezvous (node 0's host); override MASTER_PORT if the port is taken",
-        f"export MASTER_ADDR=\"${{MASTER_ADDR:-{cluster.master_addr}}}\"",
-        f"export MASTER_PORT=\"${{MASTER_PORT:-{cluster.master_port}}}\"",
+        *_default("MASTER_ADDR", cluster.master_addr, export=True),
+        *_default("MASTER_PORT", cluster.master_port, export=True),
         "# the host NIC HCCL and gloo bootstrap over",
         f"export HCCL_IF_IP={_q(node.host_ip)}",
     ]
@@ -88,16 +143,16 @@ def _env_block(cluster: Cluster, node: Node) -> list[str]:
     lines += [
         "# HCCL: buffer per communicator (MB; 2x this is allocated per communicator), collectives on AI-Vector",
         "# cores, and how long to wait for the other ranks to connect",
-        f"export HCCL_BUFFSIZE=\"${{HCCL_BUFFSIZE:-{cluster.hccl_buffsize_mb}}}\"",
+        *_default("HCCL_BUFFSIZE", cluster.hccl_buffsize_mb, export=True),
         "export HCCL_OP_EXPANSION_MODE=AIV",
-        f"export HCCL_CONNECT_TIMEOUT=\"${{HCCL_CONNECT_TIMEOUT:-{cluster.hccl_connect_timeout_s}}}\"",
+        *_default("HCCL_CONNECT_TIMEOUT", cluster.hccl_connect_timeout_s, export=True),
         "export RANK_TABLE_FILE=\"$HERE/" + RANK_TABLE + "\"",
         "# ranks on this node (torch_npu's static kernels silently switch off without it)",
-        f"export LOCAL_WORLD_SIZE={node.ranks}",
+        f"export LOCAL_WORLD_SIZE={int(node.ranks)}",
     ]
     if hw.is_npu:
         lines += ["# the devices this node's ranks use, local rank i -> the i-th listed device",
-                  f"export ASCEND_RT_VISIBLE_DEVICES={','.join(str(d) for d in node.device_ids)}"]
+                  f"export ASCEND_RT_VISIBLE_DEVICES={_q(','.join(str(int(d)) for d in node.device_ids))}"]
     for k, v in sorted(cluster.env.items()):
         lines.append(f"export {k}={_q(v)}")
     return lines
@@ -111,23 +166,31 @@ def _generate_args(cluster: Cluster, launcher: str) -> list[str]:
     return ["--backend", backend, "--device", "npu", "--soc", hw.soc]
 
 
+def _example_args(index: int, launcher: str) -> str:
+    """An example launch command line; msrun runs ascend/mindspore_ep.py, which takes only --prompt-ids and
+    --max-new-tokens (not `dsv4 generate`'s options)."""
+    if launcher == "msrun":
+        return f"launch_node{index}.sh --prompt-ids 0,5,6 --max-new-tokens 16"
+    return f"launch_node{index}.sh --prompt-ids 0,5,6 --max-new-tokens 16 --json"
+
+
 def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_timeout: int) -> str:
     W, n = cluster.world_size, len(cluster.nodes)
     first = _first_rank(cluster, node)
-    gen = " ".join(_generate_args(cluster, launcher)) + f" --dist-timeout {dist_timeout}"
+    gen = " ".join(_q(a) for a in _generate_args(cluster, launcher)) + f" --dist-timeout {int(dist_timeout)}"
     head = [
         "#!/usr/bin/env bash",
-        f"# dsv4 deploy: launch script for node {node.index} ({node.name}) of cluster {cluster.name!s}",
-        f"# {cluster.describe()}; this node runs ranks {first}..{first + node.ranks - 1} "
-        f"({node.ranks} processes, one per {'device' if cluster.is_npu else 'process slot'}).",
-        f"# Start it on {node.name} ({node.host_ip}); start every node's script (any order: the rendezvous waits).",
-        ("# Arguments are passed to ascend/mindspore_ep.py, e.g.  ./" if launcher == "msrun" else
-         "# Arguments are passed to `dsv4 generate`, e.g.  ./") + f"launch_node{node.index}.sh --prompt-ids 0,5,6 "
-        "--max-new-tokens 16" + ("" if launcher == "msrun" else " --json"),
+        _comment(f"dsv4 deploy: launch script for node {node.index} ({node.name}) of cluster {cluster.name}"),
+        _comment(f"{cluster.describe()}; this node runs ranks {first}..{first + node.ranks - 1} "
+                 f"({node.ranks} processes, one per {'device' if cluster.is_npu else 'process slot'})."),
+        _comment(f"Start it on {node.name} ({node.host_ip}); start every node's script (any order: the rendezvous "
+                 f"waits)."),
+        _comment(("Arguments are passed to ascend/mindspore_ep.py, e.g.  ./" if launcher == "msrun" else
+                  "Arguments are passed to `dsv4 generate`, e.g.  ./") + f"{_example_args(node.index, launcher)}"),
         "# Overrides: MODEL=<dir> PYTHON=<interpreter> MASTER_PORT=<port> HCCL_BUFFSIZE=<MB>",
         "set -euo pipefail",
         "HERE=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")\" && pwd)\"",
-        f"MODEL=\"${{MODEL:-{model}}}\"",
+        *_default("MODEL", model),
         "PYTHON=\"${PYTHON:-python3}\"",
         "",
     ]
@@ -137,7 +200,7 @@ def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_
             "",
             "# one process per rank; torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and `dsv4 generate` joins the group",
             "exec \"$PYTHON\" -m torch.distributed.run \\",
-            f"    --nnodes {n} --node_rank {node.index} --nproc_per_node {node.ranks} \\",
+            f"    --nnodes {int(n)} --node_rank {int(node.index)} --nproc_per_node {int(node.ranks)} \\",
             "    --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" \\",
             f"    -m tools.cli generate --model \"$MODEL\" {gen} \"$@\"",
         ]
@@ -147,9 +210,9 @@ def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_
             "# msrun (MindSpore) starts the ranks and runs a script file: the MindSpore expert-parallel entry point",
             "DSV4_MS_EP=\"$(\"$PYTHON\" -c 'import ascend.mindspore_ep as m; print(m.__file__)')\"",
             f"LOG_DIR=\"${{LOG_DIR:-$HERE/msrun_log_node{node.index}}}\"",
-            f"exec msrun --worker_num={W} --local_worker_num={node.ranks} \\",
-            f"    --master_addr=\"$MASTER_ADDR\" --master_port=\"$MASTER_PORT\" --node_rank={node.index} \\",
-            f"    --log_dir=\"$LOG_DIR\" --join=True --cluster_time_out={cluster.hccl_connect_timeout_s} \\",
+            f"exec msrun --worker_num={int(W)} --local_worker_num={int(node.ranks)} \\",
+            f"    --master_addr=\"$MASTER_ADDR\" --master_port=\"$MASTER_PORT\" --node_rank={int(node.index)} \\",
+            f"    --log_dir=\"$LOG_DIR\" --join=True --cluster_time_out={int(cluster.hccl_connect_timeout_s)} \\",
             "    \"$DSV4_MS_EP\" --model \"$MODEL\" \"$@\"",
         ]
     return "\n".join(head + env + cmd) + "\n"
@@ -159,15 +222,15 @@ def render_preflight(cluster: Cluster, node: Node, model: str, need_gib: float |
     hw = cluster.hardware
     L = [
         "#!/usr/bin/env bash",
-        f"# dsv4 deploy: preflight checks for node {node.index} ({node.name}) of cluster {cluster.name}.",
-        f"# Run on {node.name} before launch_node{node.index}.sh; exits 1 if any check fails.",
+        _comment(f"dsv4 deploy: preflight checks for node {node.index} ({node.name}) of cluster {cluster.name}."),
+        _comment(f"Run on {node.name} before launch_node{node.index}.sh; exits 1 if any check fails."),
         "# Overrides: MODEL=<dir> PYTHON=<interpreter> MASTER_PORT=<port> SKIP_SHA=1 (skip checksum verification)",
         "set -uo pipefail",
         "HERE=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")\" && pwd)\"",
-        f"MODEL=\"${{MODEL:-{model}}}\"",
+        *_default("MODEL", model),
         "PYTHON=\"${PYTHON:-python3}\"",
-        f"MASTER_ADDR=\"${{MASTER_ADDR:-{cluster.master_addr}}}\"",
-        f"MASTER_PORT=\"${{MASTER_PORT:-{cluster.master_port}}}\"",
+        *_default("MASTER_ADDR", cluster.master_addr),
+        *_default("MASTER_PORT", cluster.master_port),
         "FAILS=0",
         "pass() { printf 'ok    %s\\n' \"$*\"; }",
         "fail() { printf 'FAIL  %s\\n' \"$*\"; FAILS=$((FAILS + 1)); }",
@@ -176,12 +239,14 @@ def render_preflight(cluster: Cluster, node: Node, model: str, need_gib: float |
         "# -- host network: the interface and address the cluster file names",
     ]
     if node.if_name:
-        L.append(f"if [ -e /sys/class/net/{node.if_name} ]; then pass \"interface {node.if_name} present\"; "
-                 f"else fail \"interface {node.if_name} not found (if_name in {Path(cluster.path).name})\"; fi")
+        L.append(f"if [ -e {_q('/sys/class/net/' + node.if_name)} ]; then "
+                 f"pass {_q(f'interface {node.if_name} present')}; "
+                 f"else fail {_q(f'interface {node.if_name} not found (if_name in {Path(cluster.path).name})')}; fi")
     L += [
-        f"if \"$PYTHON\" -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1], 0))' {_q(node.host_ip)} "
-        f"2>/dev/null; then pass \"host_ip {node.host_ip} is an address of this host\"; "
-        f"else fail \"host_ip {node.host_ip} is not an address of this host (wrong node?)\"; fi",
+        f"if \"$PYTHON\" -c 'import socket,sys; s=socket.socket(socket.AF_INET6 if \":\" in sys.argv[1] else "
+        f"socket.AF_INET); s.bind((sys.argv[1], 0))' {_q(node.host_ip)} "
+        f"2>/dev/null; then pass {_q(f'host_ip {node.host_ip} is an address of this host')}; "
+        f"else fail {_q(f'host_ip {node.host_ip} is not an address of this host (wrong node?)')}; fi",
     ]
     if node.index == 0:
         L.append("if \"$PYTHON\" -c 'import socket,sys; s=socket.socket(); "
@@ -195,7 +260,7 @@ def render_preflight(cluster: Cluster, node: Node, model: str, need_gib: float |
                  "else fail \"no route to master $MASTER_ADDR (node 0's host_ip)\"; fi")
     L.append("")
     if hw.is_npu:
-        devs = " ".join(f"{d}:{ip}" for d, ip in zip(node.device_ids, node.device_ips or (), strict=True))
+        devs = " ".join(_q(f"{int(d)}:{ip}") for d, ip in zip(node.device_ids, node.device_ips or (), strict=True))
         L += [
             "# -- NPU driver, CANN and devices",
             "if command -v npu-smi >/dev/null 2>&1; then",
@@ -222,7 +287,7 @@ def render_preflight(cluster: Cluster, node: Node, model: str, need_gib: float |
             "else fail \"hccn_tool not found (Ascend driver tools)\"; fi",
             "",
             "# -- python stack and free device memory",
-            f"export ASCEND_RT_VISIBLE_DEVICES={','.join(str(d) for d in node.device_ids)}",
+            f"export ASCEND_RT_VISIBLE_DEVICES={_q(','.join(str(int(d)) for d in node.device_ids))}",
             "if \"$PYTHON\" -c 'import torch, torch_npu' 2>/dev/null; then "
             "pass \"import torch, torch_npu ($(\"$PYTHON\" -c 'import torch, torch_npu; "
             "print(torch.__version__, torch_npu.__version__)' 2>/dev/null))\"; "
@@ -270,32 +335,37 @@ def render_preflight(cluster: Cluster, node: Node, model: str, need_gib: float |
         "if [ -d \"$MODEL\" ]; then",
         "  if [ -f \"$MODEL/config.json\" ]; then pass \"model config $MODEL/config.json\"; "
         "else fail \"no config.json in $MODEL\"; fi",
-        "  if ls \"$MODEL\"/*.safetensors >/dev/null 2>&1; then pass \"safetensors files in $MODEL\"; "
-        "else fail \"no *.safetensors in $MODEL\"; fi",
+        # a `dsv4 convert --ep N` output keeps its shards under shared/ and ep-*/
+        "  ST=0; for f in \"$MODEL\"/*.safetensors \"$MODEL\"/*/*.safetensors; do "
+        "[ -f \"$f\" ] && ST=$((ST + 1)); done",
+        "  if [ \"$ST\" -gt 0 ]; then pass \"$ST safetensors files in $MODEL\"; "
+        "else fail \"no *.safetensors in $MODEL (nor in its subdirectories)\"; fi",
         "  if [ -f \"$MODEL/dsv4_manifest.json\" ]; then",
         "    if [ \"${SKIP_SHA:-0}\" = 1 ]; then info \"SKIP_SHA=1: checksums of dsv4_manifest.json not verified\"; ",
         "    else",
-        "      if \"$PYTHON\" -c 'import json,sys; m=json.load(open(sys.argv[1])); "
+        # mktemp: a predictable name in a shared /tmp could be pre-created or linked by another user
+        "      if ! SHA_LIST=$(mktemp \"${TMPDIR:-/tmp}/dsv4_sha.XXXXXXXX\"); then fail \"mktemp failed\"; "
+        "elif \"$PYTHON\" -c 'import json,sys; m=json.load(open(sys.argv[1])); "
         "[print(r[\"sha256\"] + \"  \" + p) for p, r in sorted(m.get(\"files\", {}).items())]' "
-        "\"$MODEL/dsv4_manifest.json\" > \"${TMPDIR:-/tmp}/dsv4_sha.$$\" && "
-        "(cd \"$MODEL\" && sha256sum -c --quiet \"${TMPDIR:-/tmp}/dsv4_sha.$$\"); then "
+        "\"$MODEL/dsv4_manifest.json\" > \"$SHA_LIST\" && "
+        "(cd \"$MODEL\" && sha256sum -c --quiet \"$SHA_LIST\"); then "
         "pass \"model files match dsv4_manifest.json (sha256)\"; "
         "else fail \"model files do not match dsv4_manifest.json (sha256sum -c)\"; fi",
-        "      rm -f \"${TMPDIR:-/tmp}/dsv4_sha.$$\"",
+        "      [ -n \"${SHA_LIST:-}\" ] && rm -f \"$SHA_LIST\"",
         "    fi",
         "  else info \"no dsv4_manifest.json in $MODEL: checksums not verified\"; fi",
         "elif \"$PYTHON\" -c 'import sys; from common.loading import is_preset; sys.exit(0 if is_preset(sys.argv[1]) "
         "else 1)' \"$MODEL\" 2>/dev/null; then pass \"model $MODEL is a bundled preset\"",
         "else fail \"model directory $MODEL not found\"; fi",
         "",
-        "if [ \"$FAILS\" -eq 0 ]; then echo \"preflight node " + str(node.index) + ": all checks passed\"; exit 0; fi",
-        "echo \"preflight node " + str(node.index) + ": $FAILS check(s) failed\"; exit 1",
+        f"if [ \"$FAILS\" -eq 0 ]; then echo \"preflight node {int(node.index)}: all checks passed\"; exit 0; fi",
+        "echo \"preflight node " + str(int(node.index)) + ": $FAILS check(s) failed\"; exit 1",
     ]
     return "\n".join(L) + "\n"
 
 
 def render_readme(cluster: Cluster, model: str, launcher: str, plan_info: dict[str, Any] | None,
-                  experts_per_rank: int) -> str:
+                  experts_per_rank: int | None) -> str:
     hw = cluster.hardware
     L = [
         f"# Deployment: {cluster.name}",
@@ -313,9 +383,11 @@ def render_readme(cluster: Cluster, model: str, launcher: str, plan_info: dict[s
                  f"| `launch_node{n.index}.sh` | `preflight_node{n.index}.sh` |")
     L += ["", "## Layout and memory", ""]
     L.append("The multi-rank runtime (`dsv4 generate` under torchrun, `ascend/distributed.py`) runs expert "
-             f"parallelism over all {cluster.world_size} ranks ({experts_per_rank} routed experts per layer each) "
-             f"and attention data parallelism (each rank decodes its own prompts); attention tensor parallelism is "
-             f"not implemented by the runtime yet.")
+             f"parallelism over all {cluster.world_size} ranks ("
+             + (f"{experts_per_rank} routed experts per layer each" if experts_per_rank is not None else
+                "n_routed_experts / world size routed experts per layer each") + ") "
+             "and attention data parallelism (each rank decodes its own prompts); attention tensor parallelism is "
+             "not implemented by the runtime yet.")
     if plan_info:
         L += ["", f"Memory plan (`dsv4 plan`, format `{plan_info['format']}`, context {plan_info['context']}, "
                   f"concurrency {plan_info['concurrency']}) for this layout, per device:", "",
@@ -338,8 +410,11 @@ def render_readme(cluster: Cluster, model: str, launcher: str, plan_info: dict[s
         "1. Copy this directory to every node at the same path (the scripts find the rank table next to "
         "themselves). The model directory must exist on every node at the same path, or pass `MODEL=<dir>`.",
         "2. On each node *i*: `./preflight_node<i>.sh` -- every line must read `ok` (or `info`).",
-        "3. On each node *i*: `./launch_node<i>.sh [dsv4 generate arguments]`, e.g. "
-        "`./launch_node0.sh --prompt \"Hello\" --max-new-tokens 64 --json`. Start all nodes within "
+        "3. On each node *i*: `./launch_node<i>.sh ["
+        + ("ascend/mindspore_ep.py arguments" if launcher == "msrun" else "dsv4 generate arguments") + "]`, e.g. "
+        + ("`./launch_node0.sh --prompt-ids 0,5,6 --max-new-tokens 64` (msrun runs ascend/mindspore_ep.py, which "
+           "takes token ids and --max-new-tokens only)" if launcher == "msrun" else
+           "`./launch_node0.sh --prompt \"Hello\" --max-new-tokens 64 --json`") + ". Start all nodes within "
         f"HCCL_CONNECT_TIMEOUT ({cluster.hccl_connect_timeout_s} s); rank 0 prints the result.",
         "",
         "Overrides (environment): `MODEL`, `PYTHON` (interpreter with dsv4 installed), `MASTER_PORT` (same on every "
@@ -421,7 +496,7 @@ def plan_for_runtime(cfg: ModelConfig, cluster: Cluster, fmt: str, context: int,
             "decode_step_ms": best["decode"]["seconds"]["step"] * 1e3}
 
 
-def render_all(cluster: Cluster, cfg: ModelConfig, model: str, launcher: str,
+def render_all(cluster: Cluster, cfg: ModelConfig | None, model: str, launcher: str,
                plan_info: dict[str, Any] | None) -> list[Rendered]:
     need = plan_info["memory_gib"]["total"] if plan_info else None
     dist_timeout = max(60, cluster.hccl_connect_timeout_s) if cluster.is_npu else 120
@@ -435,7 +510,8 @@ def render_all(cluster: Cluster, cfg: ModelConfig, model: str, launcher: str,
         files.append(Rendered(f"preflight_node{n.index}.sh", render_preflight(cluster, n, model, need), True,
                               f"checks for node {n.index} ({n.name})"))
     files.append(Rendered("README.md", render_readme(cluster, model, launcher, plan_info,
-                                                        cfg.n_routed_experts // cluster.world_size), False,
+                                                        cfg.n_routed_experts // cluster.world_size if cfg else None),
+                          False,
                           "operator instructions"))
     meta = {
         "generated_by": "dsv4 deploy", "cluster": cluster.path, "cluster_name": cluster.name,
@@ -451,31 +527,73 @@ def render_all(cluster: Cluster, cfg: ModelConfig, model: str, launcher: str,
     return files
 
 
-def write_files(out: Path, files: list[Rendered]) -> list[str]:
-    """Write each file to NAME.tmp then rename it into place; drop files an earlier render listed that this
-    one no longer produces (e.g. a node removed from the cluster). Returns the removed names."""
-    out.mkdir(parents=True, exist_ok=True)
-    old: list[str] = []
+_OWN_NAME = re.compile(r"(launch|preflight)_node\d+\.sh|README\.md|rank_table\.json|deploy\.json")
+
+
+def previous_files(out: Path) -> set[str]:
+    """The files an earlier `dsv4 deploy` wrote into `out` (its deploy.json), restricted to names deploy
+    produces: a tampered or foreign deploy.json cannot make deploy overwrite or delete anything else."""
     meta = out / DEPLOY_JSON
-    if meta.is_file():
-        try:
-            old = list(json.loads(meta.read_text()).get("files", []))
-        except (OSError, json.JSONDecodeError):
-            old = []
+    try:
+        doc = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(doc, dict) or doc.get("generated_by") != "dsv4 deploy" or not isinstance(doc.get("files"), list):
+        return set()
+    return {n for n in doc["files"] if isinstance(n, str) and _OWN_NAME.fullmatch(n)}
+
+
+def check_out(out: Path, files: list[Rendered], force: bool) -> None:
+    """--out must be a directory that holds nothing deploy would overwrite except its own earlier output;
+    `force` allows overwriting other files of the same names (nothing else is ever touched)."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out}: exists and is not a directory", EXIT_USAGE)
+    if not out.exists():
+        return
+    ours = previous_files(out)
     for f in files:
         dst = out / f.name
-        tmp = out / (f.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(f.text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755 if f.executable else 0o644)
-        os.replace(tmp, dst)
+        if (dst.exists() or dst.is_symlink()) and not (dst.is_file() or dst.is_symlink()):
+            raise CliError(f"--out {out}: {f.name} exists and is not a file", EXIT_USAGE)
+    try:
+        entries = sorted(e.name for e in out.iterdir())
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot list the directory ({e.strerror})", EXIT_USAGE) from None
+    if not entries or force:
+        return
+    if not ours:
+        raise CliError(f"--out {out}: the directory is not empty and holds no earlier `dsv4 deploy` output "
+                       f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); choose an empty or new "
+                       f"directory, or pass --force to overwrite files of the same names", EXIT_USAGE)
+    clash = [f.name for f in files if (out / f.name).exists() and f.name not in ours]
+    if clash:
+        raise CliError(f"--out {out}: would overwrite {', '.join(clash)}, which an earlier deploy did not write; "
+                       f"pass --force to overwrite", EXIT_USAGE)
+
+
+def write_files(out: Path, files: list[Rendered]) -> list[str]:
+    """Write each file to a fresh temporary name then rename it into place; drop files an earlier render
+    wrote (its deploy.json) that this one no longer produces (e.g. a node removed from the cluster).
+    Returns the removed names. Call check_out first."""
+    old = previous_files(out) if out.is_dir() else set()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f.text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o755 if f.executable else 0o644)
+            os.replace(tmp, out / f.name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     new = {f.name for f in files}
     removed = []
-    for name in old:
+    for name in sorted(old - new):
         p = out / name
-        if name not in new and "/" not in name and p.is_file():
+        if p.is_file() and not p.is_symlink():
             p.unlink()
             removed.append(name)
     return removed
@@ -484,10 +602,12 @@ def write_files(out: Path, files: list[Rendered]) -> list[str]:
 def run_deploy(args) -> int:
     cfg, model, conv_fmt = resolve_deploy_model(args.model)
     cluster = load_cluster(args.cluster, cfg)
-    if cfg.n_routed_experts % cluster.world_size:  # the runtime puts EP over every rank, whatever the file pins
+    if cfg is not None and cfg.n_routed_experts % cluster.world_size:  # EP over every rank, whatever is pinned
         raise ConfigError(f"{cluster.path}: the multi-rank runtime splits the routed experts over all "
                           f"{cluster.world_size} ranks, and n_routed_experts={cfg.n_routed_experts} is not divisible "
                           f"by {cluster.world_size}")
+    if cfg is not None and Path(model).is_dir():
+        check_layout(Path(model), cluster.world_size)
     if args.master_port is not None:
         if not 1024 <= args.master_port <= 65535:
             raise CliError("--master-port must be in [1024, 65535]", EXIT_USAGE)
@@ -496,9 +616,12 @@ def run_deploy(args) -> int:
         cluster = replace(cluster, master_port=args.master_port)
     launcher = args.launcher or cluster.launcher
     fmt = args.format or conv_fmt
-    plan_info = plan_for_runtime(cfg, cluster, fmt, args.context, args.concurrency) if fmt else None
+    if fmt and cfg is None:
+        log("dsv4 deploy: warning: no memory plan (the model's config is not readable on this machine)")
+    plan_info = plan_for_runtime(cfg, cluster, fmt, args.context, args.concurrency) if fmt and cfg else None
     files = render_all(cluster, cfg, model, launcher, plan_info)
     out = Path(args.out)
+    check_out(out, files, bool(getattr(args, "force", False)))
     if args.dry_run:
         print(f"dry run: would write {len(files)} files to {out} (nothing written)")
         for f in files:
