@@ -1,18 +1,20 @@
-"""Multi-rank `dsv4 generate`: attention data parallel + MoE expert parallel over torch.distributed.
+"""Multi-rank runtime: attention data parallel + MoE expert parallel over torch.distributed (the `dsv4 generate
+--nproc N` command around it is tools/generate_dist.py).
 
 Layout: rank r of W owns prompts r, r+W, r+2W, ... (round robin) with their caches, runs attention, norms
 and the shared expert for them, and holds routed experts [r*E/W, (r+1)*E/W) (loaded alone, as `dsv4
 convert --ep W` splits them). The MoE token exchange is `ascend.ep.EPBackend` around the compute backend.
 
-Lockstep: MoE layers are collectives, so every rank runs the same number of forward calls: one prefill,
-then decode steps while ANY rank still has an active sequence (decided by an all_reduce of the per-prompt
-active flags); a rank with nothing left runs zero-token forwards. Sampling reproduces
-`common.generate.generate`: every rank seeds the same generator and draws, at each step, the uniforms the
-single-process run draws for the whole active batch, keeping those of its own sequences. Greedy output
-therefore equals the single-process output; with a seed and temperature > 0 each sequence receives the
-same random draws as in the single-process run, so it samples the same tokens unless a draw falls within
-float rounding of a probability boundary (MoE partial sums are added in a different order across ranks).
-This needs the backend's `sample` to draw `rng.random(rows)` once per call, as the NumPy reference does.
+Lockstep: `common.generate.generate` with `DataParallelRanks` hooks. MoE layers are collectives, so every rank
+runs the same number of forward calls: one prefill, then decode steps while ANY rank still has an active
+sequence (decided by an all_reduce of the per-prompt active flags); a rank with nothing left runs zero-token
+forwards. Sampling reproduces the single-process run: every rank seeds the same generator and draws, at each
+step, the uniforms the single-process run draws for the whole active batch, keeping those of its own
+sequences. Greedy output therefore equals the single-process output; with a seed and temperature > 0 each
+sequence receives the same random draws as in the single-process run, so it samples the same tokens unless a
+draw falls within float rounding of a probability boundary (MoE partial sums are added in a different order
+across ranks). This needs the backend's `sample` to draw `rng.random(rows)` once per call, as the NumPy
+reference does.
 
 Launch: `--nproc N` spawns N local ranks with multiprocessing's spawn context. The launcher hosts the
 TCPStore itself (port 0: no port race) and hands it to the ranks the way torchrun's agent does
@@ -33,18 +35,15 @@ This module imports torch only inside functions: the single-process CLI must not
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pickle
 import signal
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from common.generate import Ranks
 
 FAULT_ENV = "DSV4_FAULT_INJECT"
 EXIT_FAILED = 1  # the launcher's exit code when a rank failed
@@ -80,11 +79,6 @@ class SetupError(RuntimeError):
 def in_torchrun() -> bool:
     """True when this process was started as one rank by torchrun (or another env:// launcher)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def wants_distributed(args: Any) -> bool:
-    """`dsv4 generate` takes the multi-rank path for --nproc other than 1 (0 or less is refused there)."""
-    return getattr(args, "nproc", 1) != 1 or in_torchrun()
 
 
 # ---- one rank ------------------------------------------------------------------------------------
@@ -131,38 +125,6 @@ def detect_soc(device: str) -> str:
     return "A2"
 
 
-def make_backend(name: str, device: str, soc: str | None = None) -> Any:
-    """The compute backend: `cpu` = NumPy reference; `torch` = ascend.torch_backend.TorchBackend on `device`
-    (torch_npu on an NPU, its CPU stand-ins otherwise); any other name through ops.get_backend."""
-    from ops import BackendUnavailable, get_backend
-
-    if name != "torch":
-        return get_backend(name)
-    try:
-        from ascend.torch_backend import TorchBackend
-    except ImportError as e:
-        raise BackendUnavailable(f"--backend torch needs ascend/torch_backend.py ({e})") from None
-    import inspect
-
-    params = inspect.signature(TorchBackend).parameters
-    kw = {k: v for k, v in (("device", device), ("soc", soc)) if k in params}
-    return TorchBackend(**kw)
-
-
-class _SharedDraws:
-    """Stands in for the sampler's numpy Generator: hands the sampler this rank's share of the uniforms
-    that the single-process run draws for the whole batch."""
-
-    def __init__(self, u: Any):
-        self.u = u
-
-    def random(self, size: Any = None) -> Any:
-        if self.u is None or size != len(self.u):
-            raise RuntimeError(f"the backend's sampler asked for rng.random({size!r}); multi-rank sampling "
-                               f"reproduces single-process draws only for samplers that draw one uniform per row")
-        return self.u
-
-
 def _parse_fault(text: str | None) -> dict[str, int] | None:
     if not text:
         return None
@@ -187,205 +149,52 @@ def _maybe_fault(fault: dict[str, int] | None, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass
-class RankContext:
-    """What the lockstep loop needs from the process group."""
+class DataParallelRanks(Ranks):
+    """`common.generate.generate` hooks for one attention data-parallel rank: rank r of W owns prompts r, r+W,
+    ... (round robin); the seed, the active-sequence flags and the results cross ranks on `ctrl` (a gloo group
+    for control-plane traffic, also on NPU machines). DSV4_FAULT_INJECT faults fire in `before_step`."""
 
-    rank: int
-    world: int
-    ctrl: Any  # a gloo group for control-plane traffic (flags, seed, results), also on NPU machines
+    def __init__(self, rank: int, world: int, ctrl: Any):
+        self.rank, self.world, self.ctrl = rank, world, ctrl
+        self.fault = _parse_fault(os.environ.get(FAULT_ENV))
 
+    def owned(self, n: int) -> list[int]:
+        return [i for i in range(n) if i % self.world == self.rank]
 
-def generate_dp(model: Any, prompts: Sequence[Sequence[int]], params: Any, ctx: RankContext,
-                keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None) -> Any:
-    """Data-parallel generation in lockstep; returns the whole batch's GenerationResult on rank 0 (None on
-    the others). Per-sequence results equal `common.generate.generate` on one process (see module doc)."""
-    import random
+    def agree_seed(self, seed: int | None) -> int:
+        import torch
+        import torch.distributed as dist
 
-    import numpy as np
-    import torch
-    import torch.distributed as dist
+        from .ep import collective
 
-    from common.generate import GenerationResult, advance
+        if seed is not None:
+            return seed
+        t = torch.tensor([super().agree_seed(None) if self.rank == 0 else 0], dtype=torch.int64)
+        collective("seed broadcast", dist.broadcast, t, 0, group=self.ctrl)
+        return int(t[0])
 
-    from .ep import collective
+    def active_anywhere(self, active: list[int], n: int) -> list[int]:
+        import torch
+        import torch.distributed as dist
 
-    B, rank, world = model.B, ctx.rank, ctx.world
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    n = len(prompts)
-    mine = [i for i in range(n) if i % world == rank]
-    fault = _parse_fault(os.environ.get(FAULT_ENV))
+        from .ep import collective
 
-    # one seed for all ranks: rank 0 draws it when none is given
-    seed_t = torch.tensor([params.seed if params.seed is not None else
-                           (random.SystemRandom().randrange(2**32) if rank == 0 else 0)], dtype=torch.int64)
-    if params.seed is None:
-        collective("seed broadcast", dist.broadcast, seed_t, 0, group=ctx.ctrl)
-    seed = int(seed_t[0])
-    rng = np.random.default_rng(seed)
-    eos = set(model.cfg.eos_token_id) if params.stop_on_eos else set()
-    caches = {i: model.new_cache() for i in mine}
-    outputs: dict[int, list[int]] = {i: [] for i in mine}
-    reasons = {i: "length" for i in mine}
-    sampling = params.temperature > 0
-
-    def sample(logits: list[Any], active_global: list[int], local: list[int]) -> Any:
-        u = rng.random(len(active_global)) if sampling else None  # the single-process draws, whole batch
-        if not local:
-            return []
-        if u is not None:
-            pos = {s: j for j, s in enumerate(active_global)}
-            u = u[[pos[s] for s in local]]
-        return B.sample(B.cat(logits), params.temperature, params.top_k, params.top_p, _SharedDraws(u))
-
-    _maybe_fault(fault, rank, 0)
-    t0 = time.perf_counter()
-    out = model.forward([caches[i] for i in mine], [prompts[i] for i in mine], all_logits=keep_prompt_logits)
-    prompt_logits = {i: B.to_numpy(lg) for i, lg in zip(mine, out.logits, strict=True)} if keep_prompt_logits \
-        else None
-    nxt = sample([lg[-1:] for lg in out.logits], list(range(n)), mine) if params.max_new_tokens else []
-    t1 = time.perf_counter()
-
-    active = list(mine)
-    steps = 0
-    while params.max_new_tokens:
-        active = advance(outputs, reasons, active, nxt, eos, params.max_new_tokens)
         flags = torch.zeros(n, dtype=torch.int64)
         flags[active] = 1
-        collective("active-sequence all_reduce", dist.all_reduce, flags, group=ctx.ctrl)
-        active_global = torch.nonzero(flags).flatten().tolist()
-        if not active_global:
-            break
-        _maybe_fault(fault, rank, steps + 1)
-        out = model.forward([caches[s] for s in active], [[outputs[s][-1]] for s in active])
-        nxt = sample(out.logits, active_global, active)
-        steps += 1
-        if on_step:
-            on_step(steps)
-    t2 = time.perf_counter()
+        collective("active-sequence all_reduce", dist.all_reduce, flags, group=self.ctrl)
+        return torch.nonzero(flags).flatten().tolist()
 
-    part = {"outputs": outputs, "reasons": reasons, "logits": prompt_logits}
-    parts: list[Any] = [None] * world if rank == 0 else None
-    collective("result gather", dist.gather_object, part, parts, dst=0, group=ctx.ctrl)
-    if rank != 0:
-        return None
-    all_out: dict[int, list[int]] = {}
-    all_reasons: dict[int, str] = {}
-    all_logits: dict[int, Any] = {}
-    for p in parts:
-        all_out.update(p["outputs"])
-        all_reasons.update(p["reasons"])
-        if p["logits"] is not None:
-            all_logits.update(p["logits"])
-    return GenerationResult(prompts, [all_out[i] for i in range(n)], [all_reasons[i] for i in range(n)],
-                            [all_logits[i] for i in range(n)] if keep_prompt_logits else None,
-                            t1 - t0, t2 - t1, steps, {"seed": seed})
+    def before_step(self, step: int) -> None:
+        _maybe_fault(self.fault, self.rank, step)
 
+    def gather(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
+        import torch.distributed as dist
 
-@dataclass
-class Job:
-    """One multi-rank generation request (picklable: it crosses the spawn boundary)."""
+        from .ep import collective
 
-    model: str
-    prompts: list[list[int]]
-    params: Any  # common.generate.SamplingParams
-    backend: str = "cpu"
-    device: str = "cpu"
-    moe_comm: list[str] = field(default_factory=lambda: ["auto"])  # strategies to run, one generation each
-    soc: str | None = None
-    keep_prompt_logits: bool = False
-    timeout: float = DEFAULT_TIMEOUT
-    result_path: str | None = None  # rank 0 pickles its results here (spawned ranks)
-    record_ops: str | None = None  # rank 0 records every op output of its first prompt to this .npz
-
-
-@dataclass
-class RunResult:
-    strategy: str
-    result: Any  # GenerationResult of the whole batch
-    moe_calls: dict[str, int]  # strategy actually used -> MoE layer calls on rank 0
-    source: str
-    backend: str
-    nproc: int
-
-
-def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResult] | None:
-    """Everything one rank does: join the group, load its expert slice, build the EP backend and run the
-    lockstep generation once per requested strategy. Rank 0 returns (and, given result_path, pickles)
-    the results; the other ranks return None."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from common.loading import load_model
-    from common.model import Model
-
-    from .ep import EPBackend, ExpertParallel, collective, expert_slice
-
-    rank, world, _ = init_distributed(job.device, job.timeout)
-    say = (log or (lambda m: print(m, file=sys.stderr, flush=True))) if rank == 0 else (lambda m: None)
-    try:
-        cfg = probe_model(job.model)[0]
-        first, count = expert_slice(cfg.n_routed_experts, world, rank)
-        soc = job.soc or detect_soc(job.device)
-        # groups before loading: new_group is collective, and ranks finish loading at different times
-        ep = ExpertParallel.create(job.moe_comm[0], soc, job.device)
-        ctrl = dist.new_group(backend="gloo")
-        t0 = time.perf_counter()
-        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world)
-        backend = make_backend(job.backend, job.device, soc)
-        ep_backend = EPBackend(backend, ep)
-        recorder = None
-        if job.record_ops and rank == 0:
-            from ops.recording import RecordingBackend
-
-            recorder = RecordingBackend(ep_backend, job.backend)
-        model = Model(lm.cfg, lm.weights, recorder or ep_backend, expert_range=(first, count))
-        # loading may take far longer than a collective should: wait for the slowest rank here, with its own
-        # bound, so --dist-timeout only has to cover the generation's collectives
-        collective("model-loaded barrier", dist.monitored_barrier, group=ctrl,
-                   timeout=timedelta(seconds=max(LOAD_TIMEOUT, job.timeout)), wait_all_ranks=True)
-        say(f"loaded {lm.source} in {time.perf_counter() - t0:.2f}s on {world} ranks: {cfg.n_layers} layers, "
-            f"backend {backend.name}, {count} routed experts per rank, MoE comm {'/'.join(job.moe_comm)} ({soc})")
-        ctx = RankContext(rank, world, ctrl)
-        results = []
-        for strategy in job.moe_comm:
-            ep.strategy = strategy
-            ep.stats.clear()
-            res = generate_dp(model, job.prompts, job.params, ctx, job.keep_prompt_logits)
-            if recorder is not None and not recorder.saved:
-                recorder.save(job.record_ops, {"prompt_ids": job.prompts[0], "output_ids": res.output_ids[0],
-                                               "model": str(job.model), "nproc": world, "moe_comm": strategy})
-            if rank == 0:
-                results.append(RunResult(strategy, res, dict(ep.stats), lm.source, backend.name, world))
-        if rank == 0 and job.result_path:
-            tmp = job.result_path + ".tmp"
-            with open(tmp, "wb") as f:
-                pickle.dump(results, f)
-            os.replace(tmp, job.result_path)
-        return results if rank == 0 else None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def probe_model(spec: str) -> tuple[Any, Any, str]:
-    """Config, tokenizer and a description of a model without reading its weights (the launcher checks
-    the expert split and builds the prompts before starting any rank)."""
-    from common.config import PRESET_DIR, ConfigError, load_config, load_preset
-    from common.loading import is_preset, load_tokenizer
-
-    if is_preset(spec):
-        cfg, preset = load_preset(spec)
-        if not preset.get("random_weights"):
-            raise ConfigError(f"preset {spec!r} describes the released model's shape only and has no weights; "
-                              f"pass --model with a checkpoint directory")
-        tok = preset.get("tokenizer")
-        return cfg, (load_tokenizer(PRESET_DIR / tok) if tok else None), f"preset {spec}"
-    cfg = load_config(spec)
-    return cfg, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec)
+        parts: list[Any] = [None] * self.world if self.rank == 0 else None
+        collective("result gather", dist.gather_object, part, parts, dst=0, group=self.ctrl)
+        return parts if self.rank == 0 else None
 
 
 # ---- the launcher ----------------------------------------------------------------------------------
@@ -405,9 +214,9 @@ def run_guarded(rank: int, fn: Callable, *args: Any) -> int:
     """Run a rank body; -> exit code. Collective failures and user errors print one line; anything else
     (a bug) prints its traceback."""
     from common.config import ConfigError
+    from common.errors import EXIT_INPUT, CliError
     from common.safetensors_io import CheckpointError
     from ops import BackendUnavailable
-    from tools.errors import EXIT_INPUT, CliError
 
     from .ep import CollectiveError
 
@@ -513,86 +322,3 @@ def _stop(procs: list) -> list[int]:
             p.kill()
             p.join(5.0)
     return [procs.index(p) for p in live]
-
-
-def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int, backend: str = "cpu",
-                   device: str = "cpu", moe_comm: Sequence[str] = ("auto",), soc: str | None = None,
-                   keep_prompt_logits: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                   run_timeout: float | None = None, record_ops: str | None = None) -> list[RunResult]:
-    """Spawn `nproc` local ranks, generate once per strategy in `moe_comm` (one model load), return rank 0's
-    results. The Python face of `dsv4 generate --nproc N`."""
-    from .ep import MOE_COMM_CHOICES, expert_split_error
-
-    bad = [s for s in moe_comm if s not in MOE_COMM_CHOICES]
-    if bad:
-        raise ValueError(f"unknown MoE communication strategy {bad[0]!r}; choose from {MOE_COMM_CHOICES}")
-    cfg = probe_model(model)[0]
-    err = expert_split_error(cfg.n_routed_experts, nproc)
-    if err:
-        raise ValueError(err)
-    with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
-        job = Job(model, [list(map(int, p)) for p in prompts], params, backend, device, list(moe_comm), soc,
-                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops)
-        launch(nproc, run_rank, (job,), timeout=run_timeout)
-        with open(job.result_path, "rb") as f:
-            return pickle.load(f)
-
-
-# ---- `dsv4 generate --nproc N` / under torchrun -------------------------------------------------------
-
-def run_generate_distributed(args: Any) -> int:
-    from tools.errors import EXIT_USAGE, CliError, log
-    from tools.generate_cmd import emit_result, make_prompts, result_dict, sampling_params
-
-    from .ep import expert_split_error
-
-    params = sampling_params(args)
-    if args.dist_timeout <= 0:
-        raise CliError("--dist-timeout must be > 0 seconds", EXIT_USAGE)
-    torchrun = in_torchrun()
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
-    if torchrun and args.nproc not in (1, world):
-        raise CliError(f"--nproc {args.nproc} disagrees with torchrun's WORLD_SIZE={world}", EXIT_USAGE)
-    if world < 1:
-        raise CliError("--nproc must be >= 1", EXIT_USAGE)
-    if args.device == "npu" and importlib.util.find_spec("torch_npu") is None:
-        raise CliError("--device npu needs torch_npu (and CANN); it is not installed here")
-    cfg, tokenizer, _ = probe_model(args.model)
-    err = expert_split_error(cfg.n_routed_experts, world)
-    if err:
-        raise CliError(f"--nproc {world}: {err}", EXIT_USAGE)
-    if Path(args.model).is_dir():  # a `dsv4 convert --ep N` output must be run on N ranks: check before spawning
-        from common.loading import split_indexes
-
-        split_indexes(Path(args.model), 0, world)
-    try:
-        _parse_fault(os.environ.get(FAULT_ENV))
-    except ValueError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
-    prompts = make_prompts(args, cfg, tokenizer)
-    job = Job(args.model, prompts, params, args.backend, args.device, [args.moe_comm], args.soc,
-              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops)
-
-    if torchrun:
-        holder: dict[str, Any] = {}
-        code = run_guarded(int(os.environ["RANK"]), lambda: holder.update(results=run_rank(job, log)))
-        if code:
-            return code
-        results = holder.get("results")
-    else:
-        with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
-            job.result_path = str(Path(tmp) / "rank0.pkl")
-            try:
-                launch(world, run_rank, (job,))
-            except RankFailed as e:
-                raise CliError(str(e), EXIT_FAILED) from None
-            with open(job.result_path, "rb") as f:
-                results = pickle.load(f)
-    if not results:  # ranks other than 0 under torchrun print nothing
-        return 0
-    r = results[0]
-    out = result_dict(r.source, r.backend, r.result, tokenizer)
-    out.update(nproc=r.nproc, moe_comm_calls=r.moe_calls)
-    emit_result(args, out, r.result, tokenizer)
-    log(f"{r.nproc} ranks, MoE layer calls by strategy on rank 0: {r.moe_calls}")
-    return 0

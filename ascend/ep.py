@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.parallel import expert_slice, expert_split_error  # noqa: F401  (re-exported)
+
 from . import soc as soc_table
 from .mc2_standin import all_gather_flat, reduce_scatter_flat
 
@@ -51,25 +53,6 @@ def collective(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except RuntimeError as e:
         raise CollectiveError(f"{what} failed: {first_line(e)}") from e
-
-
-def expert_split_error(n_experts: int, world: int) -> str | None:
-    """Why `world` ranks cannot share `n_experts` routed experts evenly, or None if they can."""
-    if world < 1:
-        return f"the number of ranks must be >= 1, got {world}"
-    if n_experts % world:
-        return (f"{world} ranks do not divide the model's {n_experts} routed experts (n_routed_experts); "
-                f"expert parallelism gives every rank an equal slice, use a divisor of {n_experts}")
-    return None
-
-
-def expert_slice(n_experts: int, world: int, rank: int) -> tuple[int, int]:
-    """(first, count) of the routed experts rank `rank` holds."""
-    err = expert_split_error(n_experts, world)
-    if err:
-        raise ValueError(err)
-    per = n_experts // world
-    return rank * per, per
 
 
 def _import_torch_npu() -> Any:

@@ -149,7 +149,7 @@ class MindSporeBackend:
 
     jit: compile the static-shape kernels of `ms_kernels.JITTABLE` with `mindspore.jit` for calls of at most
     `jit_max_tokens` rows. threads: CPU kernel threads. expert_parallel: join the msrun job's communication
-    group and run MoE across ranks (Ascend only; see ascend/mindspore_ep.py).
+    group and run MoE across ranks (Ascend only; see ascend/mindspore_comm.py).
     """
 
     name = "mindspore"
@@ -182,7 +182,7 @@ class MindSporeBackend:
         if expert_parallel:
             if device != "ascend":
                 raise ValueError("expert parallelism on MindSpore runs on Ascend (HCCL) only")
-            from .mindspore_ep import MindSporeEP
+            from .mindspore_comm import MindSporeEP
 
             self.ep = MindSporeEP()
 

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import transformers
 
+from ascend.backends import get_backend
 from common.config import CSA, HCA, ModelConfig
 from common.generate import SamplingParams, generate
 from common.loading import load_model
 from common.model import Model
 from common.names import expected_tensors, parse_expert
-from ops import get_backend
 from tools.hf_bridge import hf_model_from_weights
 
 TARGET_DECODE = 1.5  # ours/transformers decode tokens/s the port aims for

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from ascend.backends import get_backend  # noqa: E402
 from common.generate import SamplingParams, generate  # noqa: E402
 from common.loading import load_model  # noqa: E402
 from common.model import Model  # noqa: E402
-from ops import get_backend  # noqa: E402
 
 
 def run_once(model: Model, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

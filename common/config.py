@@ -128,9 +128,6 @@ class ModelConfig:
     def n_total_layers(self) -> int:
         return self.n_layers + self.n_mtp_layers
 
-    def layer_kind(self, layer: int) -> str:
-        return self.attn_kinds[layer]
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
@@ -353,6 +350,24 @@ def load_preset(name: str) -> tuple[ModelConfig, dict[str, Any]]:
         raise ConfigError(f"{path}: a preset needs a 'model' mapping")
     cfg = config_from_dict(doc["model"], str(path))
     return cfg, dict(doc.get("preset") or {})
+
+
+def is_preset(spec: str | Path) -> bool:
+    """A bundled preset name that is not also a path on this machine (a directory wins)."""
+    return not Path(spec).exists() and str(spec) in preset_names()
+
+
+def model_config(spec: str | Path, need_weights: bool = False) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """`--model DIR|PRESET` -> (config, the preset's `preset:` section, or None for a directory). The one place
+    a model argument is resolved; `need_weights` refuses a shape-only preset (v4-flash, v4-pro) that has no
+    random weights to run."""
+    if is_preset(spec):
+        cfg, preset = load_preset(str(spec))
+        if need_weights and not preset.get("random_weights"):
+            raise ConfigError(f"preset {str(spec)!r} describes the released model's shape only and has no weights; "
+                              f"pass --model with a checkpoint directory")
+        return cfg, preset
+    return load_config(spec), None
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

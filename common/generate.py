@@ -1,7 +1,9 @@
-"""Batched generation: one packed prefill for all prompts, then one packed decode step per token."""
+"""Batched generation: one packed prefill for all prompts, then one packed decode step per token; the same loop
+runs on one process or on several data-parallel ranks (`Ranks` hooks)."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +25,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass
@@ -54,7 +58,7 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-def advance(outputs: list[list[int]], reasons: list[str], active: list[int], nxt, eos: set[int],
+def advance(outputs: dict[int, list[int]], reasons: dict[int, str], active: list[int], nxt, eos: set[int],
             max_new_tokens: int) -> list[int]:
     """Append each active sequence's sampled token; return those still generating (no EOS, under the limit)."""
     still = []
@@ -68,40 +72,121 @@ def advance(outputs: list[list[int]], reasons: list[str], active: list[int], nxt
     return still
 
 
+class Ranks:
+    """Hooks that let several processes run `generate` as one batch (attention data parallel). This default is
+    the single process: it owns every prompt and nothing crosses a process boundary. A data-parallel rank
+    (ascend.distributed.DataParallelRanks) owns a share of the prompts, agrees on the seed and on when to
+    stop, and gathers the results; the loop itself is the same."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owned(self, n: int) -> list[int]:
+        """The prompts (indices into the batch) this process runs."""
+        return list(range(n))
+
+    def agree_seed(self, seed: int | None) -> int:
+        """One seed for every process: `seed`, or one drawn here when None."""
+        return seed if seed is not None else random.SystemRandom().randrange(2**32)
+
+    def active_anywhere(self, active: list[int], n: int) -> list[int]:
+        """The sequences of the whole batch still generating, given this process's active ones (sorted)."""
+        return active
+
+    def before_step(self, step: int) -> None:
+        """Called before the prefill (step 0) and before each decode step."""
+
+    def gather(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Every process's part on the one that reports (None on the others)."""
+        return [part]
+
+
+class SharedDraws:
+    """Stands in for the sampler's numpy Generator: hands the sampler a process's share of the uniforms that the
+    single-process run draws for the whole batch."""
+
+    def __init__(self, u: Any):
+        self.u = u
+
+    def random(self, size: Any = None) -> Any:
+        if self.u is None or size != len(self.u):
+            raise RuntimeError(f"the backend's sampler asked for rng.random({size!r}); multi-rank sampling "
+                               f"reproduces single-process draws only for samplers that draw one uniform per row")
+        return self.u
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None) -> GenerationResult:
-    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress)."""
+             keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None,
+             ranks: Ranks | None = None) -> GenerationResult | None:
+    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress).
+
+    With `ranks` (data-parallel hooks) every process runs its own prompts in lockstep: MoE layers are
+    collectives, so each runs one prefill and then decode steps while ANY process still has an active sequence
+    (a process with nothing left runs zero-token forwards). Sampling draws, at each step, the uniforms the
+    single process draws for the whole active batch and keeps those of its own sequences, so each sequence
+    receives the single-process draws. Returns the whole batch's result on the reporting process, None on the
+    others."""
     B = model.B
+    ranks = ranks or Ranks()
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     import numpy as np  # host-side RNG for sampling; logits come back to the host anyway
 
-    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**32)
+    n = len(prompts)
+    mine = ranks.owned(n)
+    seed = ranks.agree_seed(params.seed)
     rng = np.random.default_rng(seed)
     eos = set(model.cfg.eos_token_id) if params.stop_on_eos else set()
-    caches = [model.new_cache() for _ in prompts]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    reasons = ["length"] * len(prompts)
+    caches = {i: model.new_cache() for i in mine}
+    outputs: dict[int, list[int]] = {i: [] for i in mine}
+    reasons = {i: "length" for i in mine}
+    sampling = params.temperature > 0
 
+    def sample(logits: list[Any], active_all: list[int], local: list[int]) -> Any:
+        if local == active_all:  # this process holds the whole active batch: the generator itself
+            return B.sample(B.cat(logits), params.temperature, params.top_k, params.top_p, rng)
+        u = rng.random(len(active_all)) if sampling else None  # the single-process draws, whole batch
+        if not local:
+            return []
+        if u is not None:
+            pos = {s: j for j, s in enumerate(active_all)}
+            u = u[[pos[s] for s in local]]
+        return B.sample(B.cat(logits), params.temperature, params.top_k, params.top_p, SharedDraws(u))
+
+    ranks.before_step(0)
     t0 = time.perf_counter()
-    out = model.forward(caches, prompts, all_logits=keep_prompt_logits)
-    last = B.cat([lg[-1:] for lg in out.logits])
-    prompt_logits = [B.to_numpy(lg) for lg in out.logits] if keep_prompt_logits else None
-    nxt = B.sample(last, params.temperature, params.top_k, params.top_p, rng) if params.max_new_tokens else []
+    out = model.forward([caches[i] for i in mine], [prompts[i] for i in mine], all_logits=keep_prompt_logits)
+    prompt_logits = ({i: B.to_numpy(lg) for i, lg in zip(mine, out.logits, strict=True)} if keep_prompt_logits
+                     else None)
+    nxt = sample([lg[-1:] for lg in out.logits], list(range(n)), mine) if params.max_new_tokens else []
     t1 = time.perf_counter()
 
-    active = list(range(len(prompts)))
+    active = list(mine)
     steps = 0
-    while active and params.max_new_tokens:
+    while params.max_new_tokens:
         active = advance(outputs, reasons, active, nxt, eos, params.max_new_tokens)
-        if not active:
+        active_all = ranks.active_anywhere(active, n)
+        if not active_all:
             break
+        ranks.before_step(steps + 1)
         out = model.forward([caches[s] for s in active], [[outputs[s][-1]] for s in active])
-        nxt = B.sample(B.cat(out.logits), params.temperature, params.top_k, params.top_p, rng)
+        nxt = sample(out.logits, active_all, active)
         steps += 1
         if on_step:
             on_step(steps)
     t2 = time.perf_counter()
-    return GenerationResult(prompts, outputs, reasons, prompt_logits, t1 - t0, t2 - t1, steps,
-                            {"seed": seed})
+
+    parts = ranks.gather({"outputs": outputs, "reasons": reasons, "logits": prompt_logits})
+    if parts is None:
+        return None
+    all_out: dict[int, list[int]] = {}
+    all_reasons: dict[int, str] = {}
+    all_logits: dict[int, Any] = {}
+    for p in parts:
+        all_out.update(p["outputs"])
+        all_reasons.update(p["reasons"])
+        all_logits.update(p["logits"] or {})
+    return GenerationResult(prompts, [all_out[i] for i in range(n)], [all_reasons[i] for i in range(n)],
+                            [all_logits[i] for i in range(n)] if keep_prompt_logits else None,
+                            t1 - t0, t2 - t1, steps, {"seed": seed})

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, Weights, load_weights
-from .config import PRESET_DIR, ConfigError, ModelConfig, load_config, load_preset, preset_names
+from .config import PRESET_DIR, ConfigError, ModelConfig, is_preset, model_config  # noqa: F401  (is_preset re-exported)
 
 
 @dataclass
@@ -30,10 +30,6 @@ def load_tokenizer(path: Path) -> Any | None:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ConfigError(f"{path}: cannot read tokenizer ({e})") from None
-
-
-def is_preset(spec: str) -> bool:
-    return not Path(spec).exists() and spec in preset_names()
 
 
 CONVERT_INFO = "dsv4_convert.json"  # written by `dsv4 convert`; its `parallel` section describes a split layout
@@ -69,11 +65,8 @@ def load_model(spec: str, log=None, experts: range | None = None, rank: int | No
     routed experts (an expert-parallel rank's share). A `dsv4 convert --ep N` output is read through
     rank `rank`'s index when given (each rank maps only its own experts), else through all of them."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if is_preset(spec):
-        cfg, preset = load_preset(spec)
-        if not preset.get("random_weights"):
-            raise ConfigError(f"preset {spec!r} describes the released model's shape only and has no weights; "
-                              f"pass --model with a checkpoint directory")
+    cfg, preset = model_config(spec, need_weights=True)
+    if preset is not None:
         from .presets import random_weights
 
         weights = random_weights(cfg, int(preset.get("seed", 0)), with_mtp=True)
@@ -85,7 +78,6 @@ def load_model(spec: str, log=None, experts: range | None = None, rank: int | No
         tok = preset.get("tokenizer")
         tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
-    cfg = load_config(spec)
     ckpt = Checkpoint(spec, split_indexes(Path(spec), rank, world))
     weights = load_weights(cfg, ckpt, log, experts)
     return LoadedModel(cfg, weights, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec), ckpt)

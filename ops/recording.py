@@ -68,13 +68,22 @@ class RecordingBackend:
         tmp = path.with_name(path.name + ".tmp.npz")
         arrays = {f"r{i}": v for i, v in enumerate(self.records.values())}
         header = {"keys": list(self.records), "label": self.label, "backend": self.name, **(meta or {})}
-        np.savez(tmp, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-        tmp.replace(path)
+        try:
+            np.savez(tmp, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+            tmp.replace(path)
+        except BaseException:  # a full disk or Ctrl-C: leave no partial temp file behind
+            tmp.unlink(missing_ok=True)
+            raise
         self.saved = True
 
 
 def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    with np.load(path) as z:
+    """A saved recording; ValueError (naming the file) for anything that is not one."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a .npz (zip) archive")
+    with np.load(path, allow_pickle=False) as z:
         header = json.loads(bytes(z["__header__"]).decode())
         recs = {k: z[f"r{i}"] for i, k in enumerate(header["keys"])}
     return recs, header

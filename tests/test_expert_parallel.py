@@ -78,7 +78,7 @@ def reference(model_dir):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_multi_rank_generation_matches_single_process(model_dir, reference, world, backend):
     """1, 2 and 4 ranks (with 4: one rank owns no prompt), every strategy: same greedy tokens and prompt logits."""
-    from ascend.distributed import generate_multi
+    from tools.generate_dist import generate_multi
 
     strategies = STRATEGIES if world > 1 else ("auto",)  # one rank holds every expert: nothing to exchange
     runs = generate_multi(str(model_dir), PROMPTS, SamplingParams(MAX_NEW), nproc=world, backend=backend,
@@ -102,7 +102,7 @@ def test_multi_rank_generation_matches_single_process(model_dir, reference, worl
 
 def test_sampling_with_seed_matches_single_process(model_dir):
     """Temperature sampling with a seed: each sequence gets the single-process draws (see ascend.distributed)."""
-    from ascend.distributed import generate_multi
+    from tools.generate_dist import generate_multi
 
     params = SamplingParams(MAX_NEW, temperature=0.9, top_k=50, top_p=0.95, seed=11, stop_on_eos=False)
     lm = load_model(str(model_dir), log=lambda m: None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ascend.backends import get_backend
 from common.generate import SamplingParams, generate
 from common.model import Model
 from common.presets import random_weights
-from ops import get_backend
 
 from .conftest import small_config
 

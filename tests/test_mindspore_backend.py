@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ascend.backends import get_backend
 from common.generate import SamplingParams, generate
 from common.model import Model
 from common.presets import random_weights
-from ops import BackendUnavailable, ExpertWeights, get_backend
+from ops import BackendUnavailable, ExpertWeights
 from ops import quant as Q
 from ops.numpy_ref import ATTN_BLOCK, NumpyBackend
 
@@ -288,7 +289,7 @@ def test_variants_cpu_composed_and_ascend_selection(B):
 def test_alltoall_expert_parallel_phases_over_simulated_ranks(B, rng):
     """The all-to-all EP path's phases for 2 ranks with different tokens, the exchanges done in NumPy:
     each rank's result equals the single-process MoE over all experts."""
-    from ascend import mindspore_ep as ep
+    from ascend import mindspore_comm as ep
 
     W, E, d, I, k = 2, 8, 16, 8, 2
     ws = _experts(rng, E, d, I)
@@ -321,7 +322,7 @@ def test_alltoall_expert_parallel_phases_over_simulated_ranks(B, rng):
 
 def test_alltoall_path_on_one_rank_loopback(B, rng):
     """moe_alltoall's wiring (count exchange, row exchange out and back) with a one-rank loopback group."""
-    from ascend import mindspore_ep as ep
+    from ascend import mindspore_comm as ep
 
     class Loopback:
         rank, size = 0, 1

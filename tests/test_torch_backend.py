@@ -16,13 +16,14 @@ torch = pytest.importorskip("torch")
 from ascend import custom_standin as cs  # noqa: E402
 from ascend import npu_standin as ns  # noqa: E402
 from ascend import soc as S  # noqa: E402
+from ascend.backends import get_backend  # noqa: E402
 from ascend.device import cann_version, detect  # noqa: E402
 from ascend.torch_backend import LOWERINGS, TorchBackend, explain_selection, model_calls  # noqa: E402
 from common.config import load_preset  # noqa: E402
 from common.generate import SamplingParams, generate  # noqa: E402
 from common.model import Model  # noqa: E402
 from common.presets import random_weights  # noqa: E402
-from ops import ExpertWeights, get_backend  # noqa: E402
+from ops import ExpertWeights  # noqa: E402
 from ops.numpy_ref import NumpyBackend  # noqa: E402
 from ops.quant import W4A8Weight, W8A8Weight, act_quant_per_token  # noqa: E402
 

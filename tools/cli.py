@@ -9,7 +9,7 @@ from collections.abc import Callable
 from common.config import ConfigError
 from common.safetensors_io import CheckpointError
 
-from .errors import EXIT_INPUT, EXIT_INTERRUPT, CliError, log
+from .errors import EXIT_INPUT, EXIT_INTERRUPT, EXIT_USAGE, CliError, log
 
 
 def _add_generate(sub) -> None:
@@ -35,7 +35,8 @@ def _add_generate(sub) -> None:
                    help="ranks to launch on this node (must divide n_routed_experts); under torchrun the "
                         "command runs as one rank instead")
     d.add_argument("--device", choices=("cpu", "npu"), default="cpu",
-                   help="cpu = gloo collectives and stand-in MC2 ops; npu = hccl and torch_npu")
+                   help="cpu = gloo collectives and stand-in MC2 ops; npu = hccl and torch_npu (needs --backend "
+                        "torch or mindspore: the cpu backend runs on the host only)")
     d.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall", "dispatch_combine"), default="auto",
                    help="MoE token exchange; auto picks per forward call from the SoC table")
     d.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
@@ -47,8 +48,9 @@ def _add_generate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="describe a checkpoint or preset: architecture, parameters, tensor formats")
-    p.add_argument("--model", required=True, help="model directory or preset name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or preset name (or --model)")
+    p.add_argument("--model", help="model directory or preset name")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the text report")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -57,8 +59,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--model", required=True, help="model directory or preset name")
     p.add_argument("--a", default="cpu", help="backend name, or dump:FILE.npz (default cpu)")
     p.add_argument("--b", required=True, help="backend name, or dump:FILE.npz")
-    p.add_argument("--prompt-ids", help="comma-separated prompt ids (default: 2*window tokens 2, 3, ...)")
-    p.add_argument("--steps", type=int, default=2, help="decode steps after the prefill (default 2)")
+    p.add_argument("--prompt-ids", help="comma-separated prompt ids (default: the dump's prompt when --a/--b is a "
+                                        "dump, else 2*window tokens 2, 3, ...)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode steps after the prefill (default: the dump's when --a/--b is a dump, else 2)")
     p.add_argument("--tol", type=float, default=1e-4, help="relative error that counts as divergence")
     p.add_argument("--save-a", help="save run a's op outputs to FILE.npz")
     p.add_argument("--save-b", help="save run b's op outputs to FILE.npz")
@@ -66,7 +70,8 @@ def _add_compare(sub) -> None:
                    help="run b on N expert-parallel ranks (gloo on CPU); rank 0's ops are compared")
     p.add_argument("--moe-comm", default="auto", help="MoE communication strategy of the --nproc run")
     p.add_argument("--all", action="store_true", help="list every op output, not only per-scope maxima")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (summary, per-scope rows, every op with --all) on stdout")
     p.set_defaults(func=cmd_compare)
 
 
@@ -129,6 +134,10 @@ def cmd_generate(args) -> int:
 def cmd_inspect(args) -> int:
     from tools.inspect_cmd import run_inspect
 
+    if (args.model is None) == (args.model_pos is None):
+        raise CliError("inspect takes one model: `dsv4 inspect DIR|PRESET` (or --model)", EXIT_USAGE)
+    args.model = args.model or args.model_pos
+
     return run_inspect(args)
 
 
@@ -190,8 +199,18 @@ def cmd_deploy(args) -> int:
     return run_deploy(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsv4-ascend")
+    except PackageNotFoundError:  # run from a source tree that was not pip-installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 on Ascend: CPU reference and tools")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_generate, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan, _add_deploy):
         add(sub)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 
+from ascend.backends import get_backend
 from common.generate import SamplingParams, generate
 from common.loading import load_model
 from common.model import Model
-from ops import BackendUnavailable, get_backend
+from ops import BackendUnavailable
 from ops.recording import RecordingBackend, compare_records, load_recording
 
 from .errors import EXIT_USAGE, CliError, log
@@ -23,7 +24,9 @@ def _record_multi(spec: str, args, prompt: list[int]) -> tuple[dict, dict]:
     import tempfile
     from pathlib import Path
 
-    from ascend.distributed import RankFailed, generate_multi
+    from ascend.distributed import RankFailed
+
+    from .generate_dist import generate_multi
 
     with tempfile.TemporaryDirectory(prefix="dsv4-compare-") as tmp:
         dump = args.save_b or str(Path(tmp) / "rank0.npz")
@@ -37,13 +40,22 @@ def _record_multi(spec: str, args, prompt: list[int]) -> tuple[dict, dict]:
     return recs, header
 
 
+def _load_dump(spec: str) -> tuple[dict, dict]:
+    path = spec[len("dump:"):]
+    try:
+        recs, header = load_recording(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: not a dsv4 compare dump ({e})") from None
+    ids, out = header.get("prompt_ids"), header.get("output_ids")
+    if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids) and isinstance(out, list)):
+        raise CliError(f"{path}: not a dsv4 compare dump (no prompt_ids / output_ids in its header)")
+    return recs, header
+
+
 def _record(spec: str, lm, prompt: list[int], steps: int) -> tuple[dict, dict]:
     if spec.startswith("dump:"):
         path = spec[len("dump:"):]
-        try:
-            recs, header = load_recording(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise CliError(f"{path}: not a dsv4 compare dump ({e})") from None
+        recs, header = _load_dump(spec)
         if header.get("prompt_ids") != prompt:
             raise CliError(f"{path}: recorded for prompt {header.get('prompt_ids')}, not {prompt}")
         return recs, header
@@ -58,12 +70,32 @@ def _record(spec: str, lm, prompt: list[int], steps: int) -> tuple[dict, dict]:
                          "output_ids": res.output_ids[0], "recorder": rec}
 
 
+def _prompt_and_steps(args, cfg) -> tuple[list[int], int]:
+    """--prompt-ids / --steps, else what a dump on either side recorded, else 2*window tokens and 2 steps."""
+    dump = next((s for s in (args.a, args.b) if s.startswith("dump:")), None)
+    header = _load_dump(dump)[1] if dump else {}
+    if args.prompt_ids:
+        prompt = parse_prompt_ids(args.prompt_ids, cfg.vocab_size)[0]
+    elif header:
+        prompt = list(header["prompt_ids"])
+    else:
+        prompt = list(range(2, min(cfg.vocab_size, 2 + 2 * cfg.window)))
+    if args.steps is not None:
+        steps = args.steps
+    elif header:
+        steps = max(len(header["output_ids"]) - 1, 0)  # the dump's generation: prefill token + decode steps
+    else:
+        steps = 2
+    if steps < 0:
+        raise CliError("--steps must be >= 0", EXIT_USAGE)
+    return prompt, steps
+
+
 def run_compare(args) -> int:
-    if args.steps < 0:
+    if args.steps is not None and args.steps < 0:
         raise CliError("--steps must be >= 0", EXIT_USAGE)
     lm = load_model(args.model, log)
-    prompt = parse_prompt_ids(args.prompt_ids, lm.cfg.vocab_size)[0] if args.prompt_ids else \
-        list(range(2, min(lm.cfg.vocab_size, 2 + 2 * lm.cfg.window)))
+    prompt, args.steps = _prompt_and_steps(args, lm.cfg)
     ra, ha = _record(args.a, lm, prompt, args.steps)
     if args.nproc > 1:
         if args.b.startswith("dump:"):

@@ -1,20 +1,13 @@
-"""Exit codes and the user-facing error type shared by every `dsv4` sub-command."""
+"""Exit codes and the user-facing error type shared by every `dsv4` sub-command (defined in common/errors.py,
+so the rank supervisor in ascend/ can map them without importing tools/)."""
 
 from __future__ import annotations
 
 import sys
 
-EXIT_USAGE = 2
-EXIT_INPUT = 3
-EXIT_INTERRUPT = 130
+from common.errors import EXIT_INPUT, EXIT_INTERRUPT, EXIT_USAGE, CliError
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exits non-zero."""
-
-    def __init__(self, msg: str, code: int = EXIT_INPUT):
-        super().__init__(msg)
-        self.code = code
+__all__ = ["EXIT_USAGE", "EXIT_INPUT", "EXIT_INTERRUPT", "CliError", "log"]
 
 
 def log(msg: str) -> None:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from ascend.distributed import EXIT_FAILED, FAULT_ENV, RankFailed, _parse_fault, in_torchrun, launch, run_guarded
 from common.generate import SamplingParams, generate
 from common.loading import load_model
 from common.model import Model
-from ops import BackendUnavailable, get_backend
+from common.parallel import expert_split_error
+from ops import BackendUnavailable
 
 from .errors import EXIT_USAGE, CliError, log
 
@@ -34,11 +40,38 @@ def parse_prompt_ids(text: str, vocab: int) -> list[list[int]]:
 
 
 def save_npy(path: str, array) -> None:
+    """Write to a temp name and rename: a failed write (a full disk) leaves neither a partial file nor the temp."""
     import numpy as np
 
     tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CliError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work: its directory must exist and take a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"{flag} {path}: is a directory", EXIT_USAGE)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"{flag} {path}: directory {parent} does not exist", EXIT_USAGE)
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise CliError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})", EXIT_USAGE) from None
+
+
+def check_outputs(args) -> None:
+    """--logits-out / --record-ops are checked writable before the model is loaded."""
+    for flag, path in (("--logits-out", args.logits_out), ("--record-ops", args.record_ops)):
+        if path:
+            check_writable(path, flag)
 
 
 def sampling_params(args) -> SamplingParams:
@@ -48,7 +81,8 @@ def sampling_params(args) -> SamplingParams:
         return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                               stop_on_eos=not args.ignore_eos)
     except ValueError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
+        field, _, rest = str(e).partition(" ")  # "temperature must be ..." -> "--temperature must be ..."
+        raise CliError(f"--{field.replace('_', '-')} {rest}", EXIT_USAGE) from None
 
 
 def make_prompts(args, cfg, tokenizer) -> list[list[int]]:
@@ -59,6 +93,8 @@ def make_prompts(args, cfg, tokenizer) -> list[list[int]]:
         ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         if not args.no_bos and cfg.bos_token_id is not None:
             ids = [cfg.bos_token_id] + ids
+        if not ids:
+            raise CliError("--prompt: no tokens to start from (empty text with --no-bos)", EXIT_USAGE)
         prompts = [ids]
     elif args.prompt_ids is not None:
         prompts = parse_prompt_ids(args.prompt_ids, cfg.vocab_size)
@@ -66,6 +102,10 @@ def make_prompts(args, cfg, tokenizer) -> list[list[int]]:
         prompts = [[cfg.bos_token_id if cfg.bos_token_id is not None else 0]]
     if args.logits_out and len(prompts) != 1:
         raise CliError("--logits-out takes a single prompt", EXIT_USAGE)
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > cfg.max_position_embeddings:
+        raise CliError(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                       f"max_position_embeddings ({cfg.max_position_embeddings})", EXIT_USAGE)
     return prompts
 
 
@@ -105,19 +145,86 @@ def emit_result(args, out: dict, res, tokenizer) -> None:
             f"finish: {out['finish_reason']}")
 
 
+def wants_distributed(args) -> bool:
+    """`dsv4 generate` takes the multi-rank path for --nproc other than 1 (0 or less is refused there)."""
+    return getattr(args, "nproc", 1) != 1 or in_torchrun()
+
+
+# ---- `dsv4 generate --nproc N` / under torchrun -------------------------------------------------------
+
+def _world(args) -> tuple[bool, int]:
+    if args.dist_timeout <= 0:
+        raise CliError("--dist-timeout must be > 0 seconds", EXIT_USAGE)
+    torchrun = in_torchrun()
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
+    if torchrun and args.nproc not in (1, world):
+        raise CliError(f"--nproc {args.nproc} disagrees with torchrun's WORLD_SIZE={world}", EXIT_USAGE)
+    if world < 1:
+        raise CliError("--nproc must be >= 1", EXIT_USAGE)
+    try:
+        _parse_fault(os.environ.get(FAULT_ENV))
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    return torchrun, world
+
+
+def run_generate_distributed(args) -> int:
+    import importlib.util
+
+    from .generate_dist import Job, probe_model, run_rank
+
+    params = sampling_params(args)
+    torchrun, world = _world(args)
+    if args.device == "npu" and importlib.util.find_spec("torch_npu") is None:
+        raise CliError("--device npu needs torch_npu (and CANN); it is not installed here")
+    check_outputs(args)
+    cfg, tokenizer, _ = probe_model(args.model)
+    err = expert_split_error(cfg.n_routed_experts, world)
+    if err:
+        raise CliError(f"--nproc {world}: {err}", EXIT_USAGE)
+    if Path(args.model).is_dir():  # a `dsv4 convert --ep N` output must be run on N ranks: check before spawning
+        from common.loading import split_indexes
+
+        split_indexes(Path(args.model), 0, world)
+    prompts = make_prompts(args, cfg, tokenizer)
+    job = Job(args.model, prompts, params, args.backend, args.device, [args.moe_comm], args.soc,
+              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops)
+
+    if torchrun:
+        holder: dict[str, Any] = {}
+        code = run_guarded(int(os.environ["RANK"]), lambda: holder.update(results=run_rank(job, log)))
+        if code:
+            return code
+        results = holder.get("results")
+    else:
+        with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
+            job.result_path = str(Path(tmp) / "rank0.pkl")
+            try:
+                launch(world, run_rank, (job,))
+            except RankFailed as e:
+                raise CliError(str(e), EXIT_FAILED) from None
+            with open(job.result_path, "rb") as f:
+                results = pickle.load(f)
+    if not results:  # ranks other than 0 under torchrun print nothing
+        return 0
+    r = results[0]
+    out = result_dict(r.source, r.backend, r.result, tokenizer)
+    out.update(nproc=r.nproc, moe_comm_calls=r.moe_calls)
+    emit_result(args, out, r.result, tokenizer)
+    log(f"{r.nproc} ranks, MoE layer calls by strategy on rank 0: {r.moe_calls}")
+    return 0
+
+
 def run_generate(args) -> int:
-    from ascend.distributed import wants_distributed
-
     if wants_distributed(args):  # --nproc N > 1, or launched as one rank by torchrun
-        from ascend.distributed import run_generate_distributed
-
         return run_generate_distributed(args)
     params = sampling_params(args)
+    check_outputs(args)
+    from ascend.backends import get_backend
+
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        opts = ({"device": args.device, "soc": args.soc} if args.backend == "torch"
-                else {"device": "ascend" if args.device == "npu" else "cpu"} if args.backend == "mindspore" else {})
-        backend = get_backend(args.backend, **opts)
+        backend = get_backend(args.backend, device=args.device, soc=args.soc)
     except BackendUnavailable as e:
         raise CliError(str(e)) from None
 
