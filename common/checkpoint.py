@@ -49,14 +49,27 @@ class Checkpoint:
         self.hf_naming = any(names.is_hf_name(n) for n in self.where)
 
     def _read_index(self, index: Path) -> None:
+        if index.exists() and not index.is_file():
+            raise CheckpointError(f"{index}: not a regular file")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            doc = json.loads(index.read_text())
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (not valid JSON: {e})") from None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            got = "missing" if not isinstance(doc, dict) or "weight_map" not in doc else \
+                f"a JSON {type(weight_map).__name__}"
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file ({got})")
         for tname, rel in weight_map.items():
+            if not isinstance(rel, str) or not rel:
+                raise CheckpointError(f"{index}: weight_map[{tname!r}]: {rel!r} is not a shard file name")
             path = index.parent / rel
             fname = os.path.relpath(path, self.dir)
             if fname not in self.files:
+                if path.exists() and not path.is_file():
+                    raise CheckpointError(f"{index}: names shard {rel!r}, which is not a regular file")
                 if not path.is_file():
                     raise CheckpointError(f"{index}: names shard {rel!r}, which does not exist in {index.parent}")
                 self.files[fname] = SafetensorsFile(path)
@@ -84,6 +97,28 @@ class Checkpoint:
 
 def _float32(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def count_nonfinite(a: np.ndarray) -> int:
+    """How many NaN / Inf values `a` holds. One float64 sum decides the common case: a float32/bf16 tensor
+    of finite values cannot sum to Inf in float64, and any NaN or Inf makes the sum non-finite, so the
+    element-wise count (a bool array the size of the tensor) runs only for a tensor that has some."""
+    if a.size == 0 or a.dtype.kind in "iub":
+        return 0
+    try:
+        if np.isfinite(np.sum(a, dtype=np.float64)):
+            return 0
+    except (TypeError, ValueError):  # a dtype numpy cannot sum
+        return 0
+    f = a if a.dtype.kind == "f" else a.astype(np.float32)
+    return int(f.size - np.count_nonzero(np.isfinite(f)))
+
+
+def check_finite(a: np.ndarray, where: object, name: str) -> None:
+    bad = count_nonfinite(a)
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                              f"(NaN/Inf) of {a.size}; the checkpoint is corrupt")
 
 
 class Weights(dict):
@@ -127,6 +162,8 @@ def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tupl
     from ops import quant
 
     info, sinfo = ckpt.info(cname), ckpt.info(scname)
+    check_finite(ckpt.get(cname), info.file, cname)  # FP8 storage can encode NaN; int8 / packed FP4 cannot
+    check_finite(ckpt.get(scname), sinfo.file, scname)
     try:
         fmt, kw = quant.detect_format(info.dtype, info.shape, sinfo.dtype, sinfo.shape, shape)
         obj = quant.from_storage(fmt, ckpt.get(cname), ckpt.get(scname), **kw)
@@ -169,6 +206,8 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
             if kind == "f" and info.dtype not in ("F64", "F32", "F16", "BF16"):
                 raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} is stored as {info.dtype} "
                                       f"without a scale tensor {sname!r}")
+            if kind == "f":
+                check_finite(arr, info.file, shown(name, cname))
             w[name] = arr.astype(np.int64) if kind == "i" else _float32(arr)
             continue
         e, which = sel
@@ -177,15 +216,17 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
         if info.shape != want:
             raise CheckpointError(f"{info.file}: tensor {cname!r} has shape {list(info.shape)}, expected {list(want)}")
         if cname not in fused_cache:
+            check_finite(ckpt.get(cname), info.file, cname)
             fused_cache[cname] = _float32(ckpt.get(cname))
         full = fused_cache[cname]
         w[name] = full[e, :I] if which == "w1" else full[e, I:] if which == "w3" else full[e]
 
     for n in [n for n in w if n.endswith("gate.tid2eid")]:
         t = w[n]
-        if t.size and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
-            raise CheckpointError(f"{ckpt.dir}: tensor {n!r} routes to expert {int(t.max())} outside "
-                                  f"[0, {cfg.n_routed_experts})")
+        bad = t[(t < 0) | (t >= cfg.n_routed_experts)] if t.size else t
+        if bad.size:
+            raise CheckpointError(f"{ckpt.dir}: tensor {n!r} routes to expert {int(bad.flat[0])} outside "
+                                  f"[0, {cfg.n_routed_experts}) ({bad.size} such entr{'ies' if bad.size > 1 else 'y'})")
     unused = [c for c in ckpt if c not in used]
     if experts is not None:  # other ranks' experts are expected to go unused
         unused = [c for c in unused if names.parse_expert(names.hf_to_official(c) or c) is None
