@@ -226,6 +226,12 @@ _ROLE_RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"norm\.weight$"), "norm"),
 ]
 
+# Roles the model multiplies tokens through with Backend.linear (or grouped_linear, which dequantizes): the only
+# ones an integer weight format (w8a8 / w4a8) may take. The embedding is a lookup table, the router's logits are
+# computed in float by moe_gate, the rest are vectors or mHC maps.
+LINEAR_ROLES = frozenset({"head", "attn_linear", "attn_out_a", "compressor", "indexer_linear", "indexer_weights",
+                          "expert", "shared_expert", "mtp_proj"})
+
 # How DeepSeek's release stores each role (section 2 of the model spec): FP8 e4m3 with a 128x128 block
 # `.scale`, routed experts as packed FP4 with a per-32 `.scale` (or FP8 in Base checkpoints), the rest as is.
 RELEASE_STORAGE = {

@@ -344,14 +344,16 @@ def test_tensor_parallel_slices_concatenate_to_the_full_conversion(cfg, release,
 def test_row_range_jobs_write_the_same_bytes(cfg, release, tmp_path, monkeypatch, fmt, extra):
     """Big tensors are converted as several row-range jobs streamed into the shard; with tiny job, chunk and
     writer-queue sizes every tensor here is split that way, and the files must not change by a byte."""
-    from tools import cli, convert_cmd
+    from tools import cli
+    from tools import convert as convert_cmd
+    from tools.convert import files as convert_files
 
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
     args = ["convert", "--src", str(release), "--format", fmt, *extra, "--shard-size", "40KiB"]
     dsv4(*args, "--dst", str(whole), check=True)
-    monkeypatch.setattr(convert_cmd, "JOB_ELEMS", 1500)
-    monkeypatch.setattr(convert_cmd, "CHUNK_ELEMS", 700)
-    monkeypatch.setattr(convert_cmd, "WRITE_QUEUE_BYTES", 4096)
+    monkeypatch.setattr(convert_files, "JOB_ELEMS", 1500)
+    monkeypatch.setattr(convert_files, "CHUNK_ELEMS", 700)
+    monkeypatch.setattr(convert_files, "WRITE_QUEUE_BYTES", 4096)
     sources, _ = convert_cmd.scan_source(cfg, Checkpoint(release))
     tp = 2 if "--tp" in extra else 1
     layout = convert_cmd.Layout(2 if "--ep" in extra else 1, tp, cfg.n_routed_experts)
@@ -484,7 +486,7 @@ def test_bad_layouts_fail_before_writing(release, tmp_path):
 def test_recipe_validation(release, tmp_path, edit, needle):
     import yaml
 
-    from tools.convert_cmd import recipe_path
+    from tools.convert import recipe_path
 
     recipe = yaml.safe_load(recipe_path("w4a8").read_text())
     edit(recipe)
@@ -499,7 +501,7 @@ def test_recipe_validation(release, tmp_path, edit, needle):
 def test_custom_recipe_and_inspect(release, tmp_path):
     import yaml
 
-    from tools.convert_cmd import recipe_path
+    from tools.convert import recipe_path
 
     recipe = yaml.safe_load(recipe_path("w8a8").read_text())
     recipe.update(format="w8a8-head")

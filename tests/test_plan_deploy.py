@@ -304,16 +304,14 @@ def test_plan_bad_input():
 
 
 def test_tp_split_matches_the_converter():
-    convert_cmd = pytest.importorskip("tools.convert_cmd")
-    if not hasattr(convert_cmd, "tp_rule"):
-        pytest.skip("tools.convert_cmd has no tp_rule")
     from common import names
     from common.config import load_preset
-    from tools.plan_cmd import TP_SPLIT
+    from tools.convert import plan as convert_cmd
+    from tools.plan_cmd import tp_split
 
     cfg, _ = load_preset("tiny")
     for name, _shape, _kind in names.expected_tensors(cfg):
-        assert bool(TP_SPLIT.search(name)) == (convert_cmd.tp_rule(name) is not None), name
+        assert tp_split(name) == (convert_cmd.tp_rule(name) is not None), name
 
 
 # ---- deploy ----------------------------------------------------------------------------------------------------

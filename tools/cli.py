@@ -103,7 +103,7 @@ def _add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from tools.convert_cmd import run_convert
+    from tools.convert import run_convert
 
     return run_convert(args)
 

@@ -74,7 +74,7 @@ def _quant_formats(ckpt: Checkpoint) -> dict[str, int]:
 
 def conversion_info(model_dir: Path) -> dict | None:
     """What `dsv4 convert` recorded in a converted directory (dsv4_convert.json, dsv4_manifest.json)."""
-    from tools.convert_cmd import JOURNAL, MANIFEST, RESOLVED
+    from tools.convert import JOURNAL, MANIFEST, RESOLVED
 
     res, man = model_dir / RESOLVED, model_dir / MANIFEST
     if not res.is_file() and not man.is_file():

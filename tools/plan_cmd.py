@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from common import names
-from common.config import CSA, HCA, SWA, ModelConfig, load_config, load_preset
-from common.loading import is_preset
+from common.config import CSA, HCA, SWA, ModelConfig, model_config
+from common.loading import CONVERT_INFO
+from common.parallel import tp_split
+from common.recipes import Recipe, bundled_formats
+from common.recipes import bundled_recipe as load_recipe  # plan and deploy name a bundled format
 
 from .cluster import Cluster, Hardware, check_model, load_cluster
 from .errors import EXIT_USAGE, CliError
 
 GiB = float(1 << 30)
 GB = 1e9
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "quant"
-SCHEME_NAMES = ("bf16", "f32", "keep", "w8a8", "w4a8")
 
 # Report categories and the tensor roles (common.names.ROLES) in each; MTP-layer tensors go to "mtp layer".
 CATEGORIES = ("attention", "routed experts", "shared experts", "embedding/head", "norms/mHC", "compressor/indexer",
@@ -50,16 +49,13 @@ ROLE_CATEGORY = {
     "indexer_linear": "compressor/indexer", "indexer_weights": "compressor/indexer", "router": "router",
     "router_bias": "router", "hash_table": "router", "mtp_proj": "mtp layer",
 }
-# Tensors split by attention TP: the same list as tools/convert_cmd.TP_RULES (tests check they agree).
-TP_SPLIT = re.compile(r"(\.attn\.wq_b\.weight|\.attn\.indexer\.wq_b\.weight|\.attn\.wo_a\.weight|\.attn\.wo_b\.weight"
-                      r"|\.ffn\.shared_experts\.w[123]\.weight|^head\.weight)$")
-# Tensors the model multiplies tokens through (2 FLOPs per parameter per token); the rest are lookups or vectors.
-LINEAR_ROLES = frozenset({"head", "attn_linear", "attn_out_a", "compressor", "indexer_linear", "indexer_weights",
-                          "router", "expert", "shared_expert", "mtp_proj", "hc"})
+# Tensors the model multiplies tokens through (2 FLOPs per parameter per token): the linear weights, plus the
+# router and the mHC maps (float matmuls outside Backend.linear); the rest are lookups or vectors.
+MATMUL_ROLES = names.LINEAR_ROLES | {"router", "hc"}
 # Read per token only as rows (gathered), not streamed whole every step.
 LOOKUP_ROLES = frozenset({"embed", "hash_table"})
-# How the release stores each role (names.RELEASE_STORAGE), in bytes, for the recipe scheme "keep".
-KV_DTYPES = ("fp8", "bf16")
+NOT_RUNNABLE = ("not runnable by this runtime, which has data-parallel attention and experts split over every "
+                "rank; modelled for comparison")
 # layout choice: decode steps within NEAR of the fastest count as equal (then most free memory wins);
 # layouts with less than TIGHT_GIB free are chosen only if nothing roomier fits
 NEAR = 0.05
@@ -67,35 +63,6 @@ TIGHT_GIB = 2.0
 
 
 # ---- recipes and bytes -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Recipe:
-    format: str
-    roles: dict[str, str]
-    group_size: int
-    path: str
-
-
-def bundled_formats() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-
-
-def load_recipe(fmt: str) -> Recipe:
-    """`configs/quant/FMT.yaml`: the storage scheme of every tensor role (written for `dsv4 convert`)."""
-    path = RECIPE_DIR / f"{fmt}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", fmt) or not path.is_file():
-        raise CliError(f"--format: unknown format {fmt!r} (recipes in configs/quant: {', '.join(bundled_formats())})",
-                       EXIT_USAGE)
-    doc = yaml.safe_load(path.read_text())
-    roles = (doc or {}).get("roles") if isinstance(doc, dict) else None
-    if not isinstance(roles, dict):
-        raise CliError(f"{path}: field 'roles' must map each tensor role to a scheme")
-    for r in names.ROLES:
-        if roles.get(r) not in SCHEME_NAMES:
-            raise CliError(f"{path}: roles.{r}: {roles.get(r)!r} is not one of {', '.join(SCHEME_NAMES)}")
-    return Recipe(str(doc.get("format", fmt)), {r: roles[r] for r in names.ROLES}, int(doc.get("group_size") or 128),
-                  str(path))
-
 
 def stored_bytes(shape: tuple[int, ...], scheme: str, role: str, group: int) -> int:
     """Bytes of one tensor (weight plus its scale tensor) stored with `scheme` (see ops/quant.py FORMATS)."""
@@ -153,11 +120,11 @@ def weight_table(cfg: ModelConfig, recipe: Recipe, with_mtp: bool) -> WeightTabl
         if role == "expert":
             wt.exp[cat] += nbytes
             continue
-        split = "tp" if TP_SPLIT.search(name) else "rep"
+        split = "tp" if tp_split(name) else "rep"
         (wt.tp if split == "tp" else wt.rep)[cat] += nbytes
         if role in LOOKUP_ROLES:
             wt.lookup_rep += nbytes
-        if not mtp and role in LINEAR_ROLES and len(shape) == 2:
+        if not mtp and role in MATMUL_ROLES and len(shape) == 2:
             wt.flop_params[f"{split}/{'int8' if scheme in ('w8a8', 'w4a8') else 'bf16'}"] += prod(shape)
     # one routed expert of a main layer: w1, w3 [I, d] and w2 [d, I] with their scales
     scheme, d, inter = recipe.roles["expert"], cfg.dim, cfg.moe_inter_dim
@@ -279,6 +246,11 @@ class Layout:
     @property
     def replicas(self) -> int:
         return self.world // self.ep
+
+    @property
+    def runnable(self) -> bool:
+        """The multi-rank runtime runs attention data-parallel and splits the experts over every rank."""
+        return self.tp == 1 and self.ep == self.world
 
     def label(self) -> str:
         return f"EP{self.ep} x attn TP{self.tp}/DP{self.dp}" + (f" (experts x{self.replicas})" if self.replicas > 1
@@ -518,6 +490,8 @@ def plan(cfg: ModelConfig, cluster: Cluster, opt: Options, recipe: Recipe, tp_pi
         pre = prefill_estimate(cfg, wt, cluster, lay, opt, kvl, mem["weights_total"])
         cands.append({"layout": lay, "memory": mem, "decode": dec, "prefill": pre})
     fitting = [c for c in cands if c["memory"]["fits"]]
+    # recommend what the runtime runs (DP attention + EP over all ranks) whenever one of those fits
+    fitting = [c for c in fitting if c["layout"].runnable] or fitting
     # a layout that fits with almost nothing to spare breaks on the first long prompt: keep it only if
     # nothing roomier fits
     roomy = [c for c in fitting if c["memory"]["headroom"] >= min(TIGHT_GIB * GiB, 0.05 * c["memory"]["usable"])]
@@ -612,8 +586,8 @@ ASSUMPTIONS = [
 
 
 def _round(x: Any) -> Any:
-    if isinstance(x, float):  # byte counts stay exact; derived figures keep 6 significant digits
-        return int(x) if x.is_integer() and abs(x) < 2**62 else float(f"{x:.6g}")
+    if isinstance(x, float):  # byte counts stay exact; derived figures keep 9 significant digits
+        return int(x) if x.is_integer() and abs(x) < 2**62 else float(f"{x:.9g}")
     if isinstance(x, dict):
         return {k: _round(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
@@ -625,7 +599,7 @@ def to_json(cfg: ModelConfig, cluster: Cluster, opt: Options, res: dict[str, Any
     def cand(c):
         lay = c["layout"]
         return {"layout": {"ep": lay.ep, "attn_tp": lay.tp, "attn_dp": lay.dp, "expert_replicas": lay.replicas,
-                           "label": lay.label()},
+                           "label": lay.label(), "runnable": lay.runnable},
                 "memory_bytes": c["memory"], "decode": c["decode"], "prefill": c["prefill"]}
     wt = res["weights"]
     return _round({
@@ -652,7 +626,8 @@ def render_text(cfg: ModelConfig, cluster: Cluster, opt: Options, res: dict[str,
     L.append(f"workload  context {opt.context} tokens x {opt.concurrency} sequence(s), KV {opt.kv_dtype}, "
              f"{opt.decode_tokens} token(s) per sequence per decode step, memory utilisation {opt.mem_util:.2f}")
     L.append("")
-    L.append(f"layout    {lay.label()}   <- {'recommended' if res['fits'] else 'closest (does NOT fit)'}")
+    L.append(f"layout    {lay.label()}   <- {'recommended' if res['fits'] else 'closest (does NOT fit)'}"
+             + ("" if lay.runnable else f" ({NOT_RUNNABLE})"))
     L.append("why")
     for r in reasons(cfg, cluster, res, opt):
         L.append(f"  - {r}")
@@ -713,7 +688,8 @@ def render_text(cfg: ModelConfig, cluster: Cluster, opt: Options, res: dict[str,
         mark = "*" if c is best else " "
         L.append(f" {mark} {c['layout'].label():34s} {_g(m['total']):>7} GiB  "
                  f"{'fits' if m['fits'] else 'over':4s} {_g(m['headroom']):>7} GiB free  decode "
-                 f"{_ms(d['seconds']['step']):>10}  prefill {c['prefill']['tokens_per_s_cluster']:>10,.0f} tok/s")
+                 f"{_ms(d['seconds']['step']):>10}  prefill {c['prefill']['tokens_per_s_cluster']:>10,.0f} tok/s"
+                 + ("" if c["layout"].runnable else "  (not runnable here)"))
     L.append("")
     L.append("assumptions")
     for a in ASSUMPTIONS:
@@ -726,12 +702,11 @@ def render_text(cfg: ModelConfig, cluster: Cluster, opt: Options, res: dict[str,
 
 def resolve_model(spec: str) -> tuple[ModelConfig, str, str | None]:
     """(config, description, format recorded by `dsv4 convert` if any) for a preset name or a directory."""
-    if is_preset(spec):
-        cfg, _ = load_preset(spec)
+    cfg, preset = model_config(spec)
+    if preset is not None:
         return cfg, f"preset {spec}", None
-    cfg = load_config(spec)
     fmt = None
-    conv = Path(spec) / "dsv4_convert.json"
+    conv = Path(spec) / CONVERT_INFO
     if conv.is_file():
         try:
             fmt = json.loads(conv.read_text()).get("format")
@@ -755,12 +730,17 @@ def options_from_args(args, cfg: ModelConfig, fmt: str) -> Options:
 
 
 def run_plan(args) -> int:
+    for flag, v in (("--tp", args.tp), ("--ep", args.ep)):
+        if v is not None and v <= 0:
+            raise CliError(f"{flag} must be a positive integer, got {v}", EXIT_USAGE)
     cfg, model, conv_fmt = resolve_model(args.model)
     fmt = args.format or conv_fmt
     if fmt is None:
         raise CliError(f"--format is required ({', '.join(bundled_formats())}): {args.model} records none",
                        EXIT_USAGE)
     recipe = load_recipe(fmt)
+    if recipe.uses("w4a8") and recipe.group_size is None:
+        raise CliError(f"recipe {recipe.path} uses w4a8 but sets no group_size", EXIT_USAGE)
     cluster = load_cluster(args.cluster)
     if args.ep is not None:  # a pinned EP size replaces the cluster's for the divisibility check
         if args.ep <= 0 or cluster.world_size % args.ep or cfg.n_routed_experts % args.ep:
