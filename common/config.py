@@ -151,28 +151,44 @@ def _kind_of_ratio(r: int, where: str) -> str:
     return CSA if r == CSA_RATIO else HCA
 
 
+def _number(d: dict, key: str, where: str, default: float | None = None, low: float | None = None) -> float:
+    """A finite number (not a bool or a string), > `low` when given."""
+    v = d.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (low is not None and v <= low):
+        bound = f" > {low:g}" if low is not None else ""
+        raise ConfigError(f"{where}: field {key!r} must be a finite number{bound}, got {v!r}")
+    return float(v)
+
+
 def _yarn_from(d: dict, where: str) -> Yarn | None:
     rtype = d.get("rope_type", d.get("type", "default"))
     if rtype in (None, "default"):
         return None
     if rtype != "yarn":
         raise ConfigError(f"{where}: rope type {rtype!r} is not supported (DeepSeek-V4 uses 'yarn' or 'default')")
-    try:
-        return Yarn(
-            factor=float(d["factor"]),
-            original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-            beta_fast=float(d.get("beta_fast") or 32),
-            beta_slow=float(d.get("beta_slow") or 1),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where}: yarn needs field {e.args[0]!r}") from None
+    for k in ("factor", "original_max_position_embeddings"):
+        if k not in d:
+            raise ConfigError(f"{where}: yarn needs field {k!r}")
+    orig = d["original_max_position_embeddings"]
+    if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+        raise ConfigError(f"{where}: field 'original_max_position_embeddings' must be a positive integer, got {orig!r}")
+    return Yarn(factor=_number(d, "factor", where, low=0), original_max_position_embeddings=orig,
+                beta_fast=_number(d, "beta_fast", where, 32.0) or 32.0,
+                beta_slow=_number(d, "beta_slow", where, 1.0) or 1.0)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig:
-    """Fold a config.json / preset dict (either spelling) into a ModelConfig."""
+def _list_field(raw: dict, key: str, source: str) -> list:
+    v = raw[key]
+    if not isinstance(v, list):  # a string would be counted by its characters
+        raise ConfigError(f"{source}: field {key!r} must be a list, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _check_keys(raw: Any, source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON/YAML object at top level")
-    raw = dict(raw)
     if "text_config" in raw:
         raise ConfigError(f"{source}: field 'text_config' (DeepSeek-V4.1 layout) is not supported by this port yet")
     unknown = sorted(k for k in raw if k not in _RENAMES and k not in _SPECIAL_KEYS and k not in _IGNORED_KEYS
@@ -180,89 +196,104 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
     if unknown:
         raise ConfigError(f"{source}: unknown field {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
 
-    kw: dict[str, Any] = {}
-    for k, attr in _RENAMES.items():
-        if k in raw and raw[k] is not None:
-            kw[attr] = raw[k]
-    for req in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_lora_rank",
-                "o_groups", "moe_inter_dim", "n_routed_experts", "n_activated_experts"):
+
+_REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_lora_rank", "o_groups",
+             "moe_inter_dim", "n_routed_experts", "n_activated_experts")
+
+
+def _renamed_fields(raw: dict, source: str) -> dict[str, Any]:
+    kw = {attr: raw[k] for k, attr in _RENAMES.items() if raw.get(k) is not None}
+    inv = {v: k for k, v in _RENAMES.items()}
+    for req in _REQUIRED:
         if req not in kw:
-            inv = {v: k for k, v in _RENAMES.items()}
             raise ConfigError(f"{source}: missing field {inv[req]!r}")
-    n = int(kw["n_layers"])
-    n_mtp = int(kw.get("n_mtp_layers", 0) or 0)
+    for attr in ("n_layers", "n_mtp_layers"):
+        v = kw.get(attr, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{source}: field {inv[attr]!r} must be a non-negative integer, got {v!r}")
     eos = kw.get("eos_token_id", 1)
     kw["eos_token_id"] = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None else ())
+    return kw
 
-    # --- attention kinds -------------------------------------------------------------------
-    if "layer_types" in raw and raw["layer_types"] is not None:
-        types = raw["layer_types"]
-        rates = dict(raw.get("compress_rates") or {})
-        for key, hf in (("compress_rate_csa", "compressed_sparse_attention"),
-                        ("compress_rate_hca", "heavily_compressed_attention")):
-            if key in raw:
-                rates[hf] = raw[key]
-        rates.setdefault("compressed_sparse_attention", CSA_RATIO)
-        rates.setdefault("heavily_compressed_attention", 128)
-        for k in rates:
-            if k not in HF_LAYER_TYPES or k == "sliding_attention":
-                raise ConfigError(f"{source}: compress_rates has unknown attention type {k!r}")
-        if len(types) != n:
-            raise ConfigError(f"{source}: layer_types has {len(types)} entries, num_hidden_layers is {n}")
-        kinds, ratios = [], []
-        for i, t in enumerate(types):
-            if t not in HF_LAYER_TYPES:
-                raise ConfigError(f"{source}: layer_types[{i}] = {t!r} is not one of {sorted(HF_LAYER_TYPES)}")
-            kinds.append(HF_LAYER_TYPES[t])
-            ratios.append(0 if t == "sliding_attention" else int(rates[t]))
-        if kinds and CSA in kinds and rates["compressed_sparse_attention"] <= 0:
-            raise ConfigError(f"{source}: compress_rates['compressed_sparse_attention'] must be > 0")
-        # MTP layers are sliding-window in every release
-        kinds += [SWA] * n_mtp
+
+def _kinds_from_layer_types(raw: dict, n: int, n_mtp: int, source: str) -> tuple[list[str], list[int]]:
+    """transformers' spelling: layer_types + compress_rates (or compress_rate_csa / _hca)."""
+    types = _list_field(raw, "layer_types", source)
+    rates = dict(raw.get("compress_rates") or {})
+    for key, hf in (("compress_rate_csa", "compressed_sparse_attention"),
+                    ("compress_rate_hca", "heavily_compressed_attention")):
+        if key in raw:
+            rates[hf] = raw[key]
+    rates.setdefault("compressed_sparse_attention", CSA_RATIO)
+    rates.setdefault("heavily_compressed_attention", 128)
+    for k, r in rates.items():
+        if k not in HF_LAYER_TYPES or k == "sliding_attention":
+            raise ConfigError(f"{source}: compress_rates has unknown attention type {k!r}")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ConfigError(f"{source}: compress_rates[{k!r}] must be a positive integer, got {r!r}")
+    if len(types) != n:
+        raise ConfigError(f"{source}: layer_types has {len(types)} entries, num_hidden_layers is {n}")
+    kinds, ratios = [], []
+    for i, t in enumerate(types):
+        if t not in HF_LAYER_TYPES:
+            raise ConfigError(f"{source}: layer_types[{i}] = {t!r} is not one of {sorted(HF_LAYER_TYPES)}")
+        kinds.append(HF_LAYER_TYPES[t])
+        ratios.append(0 if t == "sliding_attention" else int(rates[t]))
+    # MTP layers are sliding-window in every release
+    return kinds + [SWA] * n_mtp, ratios + [0] * n_mtp
+
+
+def _kinds_from_ratios(raw: dict, n: int, n_mtp: int, source: str) -> tuple[list[str], list[int]]:
+    """DeepSeek's spelling: compress_ratios per layer (0 = SWA, 4 = CSA, else HCA), MTP layers optional."""
+    ratios = list(_list_field(raw, "compress_ratios", source))
+    if len(ratios) == n:
         ratios += [0] * n_mtp
-    elif "compress_ratios" in raw:
-        ratios = list(raw["compress_ratios"])
-        if len(ratios) == n:
-            ratios += [0] * n_mtp
-        elif len(ratios) != n + n_mtp:
-            # DSpark checkpoints list extra stage layers; only the first n + n_mtp matter here
-            if len(ratios) < n + n_mtp:
-                raise ConfigError(f"{source}: compress_ratios has {len(ratios)} entries, expected "
-                                  f"{n} (num_hidden_layers) or {n + n_mtp} (+ num_nextn_predict_layers)")
-            ratios = ratios[: n + n_mtp]
-        kinds = [_kind_of_ratio(r, f"{source}: compress_ratios[{i}]") for i, r in enumerate(ratios)]
-    else:
-        raise ConfigError(f"{source}: missing field 'compress_ratios' (or 'layer_types')")
+    elif len(ratios) < n + n_mtp:
+        raise ConfigError(f"{source}: compress_ratios has {len(ratios)} entries, expected "
+                          f"{n} (num_hidden_layers) or {n + n_mtp} (+ num_nextn_predict_layers)")
+    ratios = ratios[: n + n_mtp]  # DSpark checkpoints list extra stage layers; only the first n + n_mtp matter
+    return [_kind_of_ratio(r, f"{source}: compress_ratios[{i}]") for i, r in enumerate(ratios)], ratios
 
-    # --- hash MoE layers -------------------------------------------------------------------
+
+def _attention_kinds(raw: dict, n: int, n_mtp: int, source: str) -> tuple[list[str], list[int]]:
+    if raw.get("layer_types") is not None:
+        return _kinds_from_layer_types(raw, n, n_mtp, source)
+    if "compress_ratios" in raw:
+        return _kinds_from_ratios(raw, n, n_mtp, source)
+    raise ConfigError(f"{source}: missing field 'compress_ratios' (or 'layer_types')")
+
+
+def _hash_layers(raw: dict, n: int, n_mtp: int, source: str) -> list[bool]:
     if raw.get("mlp_layer_types") is not None:
-        mtypes = raw["mlp_layer_types"]
+        mtypes = _list_field(raw, "mlp_layer_types", source)
         if len(mtypes) != n:
             raise ConfigError(f"{source}: mlp_layer_types has {len(mtypes)} entries, num_hidden_layers is {n}")
         for i, t in enumerate(mtypes):
             if t not in HF_MLP_TYPES:
                 raise ConfigError(f"{source}: mlp_layer_types[{i}] = {t!r} is not one of {list(HF_MLP_TYPES)}")
-        hashes = [t == "hash_moe" for t in mtypes]
-    else:
-        nh = int(raw.get("num_hash_layers", 0) or 0)
-        if nh < 0 or nh > n:
-            raise ConfigError(f"{source}: num_hash_layers = {nh} outside [0, {n}]")
-        hashes = [i < nh for i in range(n)]
-    hashes += [False] * n_mtp
+        return [t == "hash_moe" for t in mtypes] + [False] * n_mtp
+    nh = raw.get("num_hash_layers", 0) or 0
+    if not isinstance(nh, int) or isinstance(nh, bool) or nh < 0 or nh > n:
+        raise ConfigError(f"{source}: num_hash_layers = {nh!r} outside [0, {n}]")
+    return [i < nh for i in range(n)] + [False] * n_mtp
 
-    # --- rope --------------------------------------------------------------------------------
-    head_dim = int(kw["head_dim"])
+
+def _rope_dim(raw: dict, head_dim: int, source: str) -> int:
     rope_params = raw.get("rope_parameters")
     if "qk_rope_head_dim" in raw:
-        rope_dim = int(raw["qk_rope_head_dim"])
-    elif raw.get("partial_rotary_factor") is not None:
-        rope_dim = int(head_dim * float(raw["partial_rotary_factor"]))
-    elif isinstance(rope_params, dict) and isinstance(rope_params.get("main"), dict) \
+        return int(raw["qk_rope_head_dim"])
+    if raw.get("partial_rotary_factor") is not None:
+        return int(head_dim * _number(raw, "partial_rotary_factor", source, low=0))
+    if isinstance(rope_params, dict) and isinstance(rope_params.get("main"), dict) \
             and "partial_rotary_factor" in rope_params["main"]:
-        rope_dim = int(head_dim * float(rope_params["main"]["partial_rotary_factor"]))
-    else:
-        rope_dim = 64
-    yarn = None
+        return int(head_dim * _number(rope_params["main"], "partial_rotary_factor", f"{source}: rope_parameters.main",
+                                      low=0))
+    return 64
+
+
+def _yarn(raw: dict, kw: dict[str, Any], source: str) -> Yarn | None:
+    """YaRN of the compressed layers' rope; transformers' nested rope_parameters also set the two thetas."""
+    rope_params = raw.get("rope_parameters")
     if isinstance(rope_params, dict) and isinstance(rope_params.get("compress"), dict):
         comp = rope_params["compress"]
         main = rope_params.get("main") or {}
@@ -277,12 +308,24 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         if yarn is not None and af not in (None, 1, 1.0):
             raise ConfigError(f"{source}: rope_parameters.compress.attention_factor = {af}; "
                               f"V4 uses no YaRN mscale (1.0)")
-    elif isinstance(rope_params, dict) and rope_params:
-        yarn = _yarn_from(rope_params, f"{source}: rope_parameters")
-    elif raw.get("rope_scaling"):
-        yarn = _yarn_from(raw["rope_scaling"], f"{source}: rope_scaling")
-    kw["yarn"] = yarn
+        return yarn
+    if isinstance(rope_params, dict) and rope_params:
+        return _yarn_from(rope_params, f"{source}: rope_parameters")
+    if raw.get("rope_scaling"):
+        return _yarn_from(raw["rope_scaling"], f"{source}: rope_scaling")
+    return None
 
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig:
+    """Fold a config.json / preset dict (either spelling) into a ModelConfig."""
+    _check_keys(raw, source)
+    raw = dict(raw)
+    kw = _renamed_fields(raw, source)
+    n, n_mtp = int(kw["n_layers"]), int(kw.get("n_mtp_layers", 0) or 0)
+    kinds, ratios = _attention_kinds(raw, n, n_mtp, source)
+    hashes = _hash_layers(raw, n, n_mtp, source)
+    rope_dim = _rope_dim(raw, int(kw["head_dim"]), source)
+    kw["yarn"] = _yarn(raw, kw, source)
     cfg = ModelConfig(
         rope_dim=rope_dim,
         compress_ratios=tuple(int(r) for r in ratios),
@@ -293,6 +336,36 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
     )
     validate(cfg, source)
     return cfg
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_numbers(cfg: ModelConfig, bad: Any) -> None:
+    """Floating fields: finite, and in range where the model divides or takes a root by them."""
+    for name, field_, positive in (("norm_eps", "rms_norm_eps", True), ("hc_eps", "hc_eps", False),
+                                   ("route_scale", "routed_scaling_factor", True),
+                                   ("swiglu_limit", "swiglu_limit", False)):
+        v = getattr(cfg, name)
+        if not _is_finite(v) or v < 0 or (positive and v == 0):
+            bad(field_, f"must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    for name, field_ in (("rope_theta", "rope_theta"), ("compress_rope_theta", "compress_rope_theta")):
+        v = getattr(cfg, name)
+        if not _is_finite(v) or v <= 1:
+            bad(field_, f"must be a finite number > 1, got {v!r}")
+
+
+def _check_tokens(cfg: ModelConfig, bad: Any) -> None:
+    for t in cfg.eos_token_id:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < cfg.vocab_size:
+            bad("eos_token_id", f"{t!r} outside the vocabulary [0, {cfg.vocab_size})")
+    b = cfg.bos_token_id
+    if b is not None and (not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < cfg.vocab_size):
+        bad("bos_token_id", f"{b!r} outside the vocabulary [0, {cfg.vocab_size})")
+    m = cfg.max_position_embeddings
+    if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+        bad("max_position_embeddings", f"must be a positive integer, got {m!r}")
 
 
 def validate(cfg: ModelConfig, source: str = "config") -> None:
@@ -315,19 +388,13 @@ def validate(cfg: ModelConfig, source: str = "config") -> None:
         bad("n_shared_experts", f"{cfg.n_shared_experts}; DeepSeek-V4 has exactly one shared expert")
     if cfg.score_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
         bad("scoring_func", f"{cfg.score_func!r} is not one of sqrtsoftplus, sigmoid, softmax")
-    if CSA in cfg.attn_kinds:
-        if cfg.index_head_dim < cfg.rope_dim or cfg.index_n_heads <= 0 or cfg.index_topk <= 0:
-            bad("index_head_dim", f"indexer needs index_head_dim >= rope dim ({cfg.rope_dim}) and positive "
-                                  f"index_n_heads / index_topk")
-    if cfg.hc_eps < 0 or cfg.norm_eps <= 0:
-        bad("hc_eps", "epsilons must be positive")
+    if CSA in cfg.attn_kinds and (cfg.index_head_dim < cfg.rope_dim or cfg.index_n_heads <= 0 or cfg.index_topk <= 0):
+        bad("index_head_dim", f"indexer needs index_head_dim >= rope dim ({cfg.rope_dim}) and positive "
+                              f"index_n_heads / index_topk")
     if any(r > 0 for r in cfg.compress_ratios[cfg.n_layers:]):
         bad("compress_ratios", "MTP layers must be sliding-window (ratio 0)")
-    if not math.isfinite(cfg.rope_theta) or cfg.rope_theta <= 1:
-        bad("rope_theta", f"{cfg.rope_theta}")
-    for t in cfg.eos_token_id:
-        if not 0 <= t < cfg.vocab_size:
-            bad("eos_token_id", f"{t} outside the vocabulary [0, {cfg.vocab_size})")
+    _check_numbers(cfg, bad)
+    _check_tokens(cfg, bad)
 
 
 # ---- files ----------------------------------------------------------------------------------
@@ -370,10 +437,28 @@ def model_config(spec: str | Path, need_weights: bool = False) -> tuple[ModelCon
     return load_config(spec), None
 
 
+def _refuse_unfinished(d: Path) -> None:
+    """A directory a `dsv4 convert` run left unfinished (journal, no manifest), or weights without a config."""
+    from .converted import JOURNAL, MANIFEST
+
+    if (d / JOURNAL).is_file() and not (d / MANIFEST).is_file():
+        raise ConfigError(f"{d}: an unfinished `dsv4 convert` output ({JOURNAL} present, no {MANIFEST}); finish it "
+                          f"with `dsv4 convert --src SRC --dst {d} ... --resume` (same arguments as the first run)")
+    if not (d / "config.json").is_file():
+        shards = sorted(p.name for p in d.glob("*.safetensors"))
+        parts = sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith(("shared", "ep-", "rank-")))
+        if shards or parts:
+            held = ", ".join((shards + parts)[:3]) + (", ..." if len(shards) + len(parts) > 3 else "")
+            raise ConfigError(f"{d}: no config.json, although it holds weights ({held}); a complete `dsv4 convert` "
+                              f"output has config.json and {MANIFEST}; copy the model's config.json here or re-run "
+                              f"the conversion")
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: not a directory (and not a preset name: {', '.join(preset_names())})")
+    _refuse_unfinished(Path(model_dir))
     if not path.is_file():
         raise ConfigError(f"{model_dir}: no config.json in the model directory")
     try:

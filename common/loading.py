@@ -10,6 +10,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, Weights, load_weights
 from .config import PRESET_DIR, ConfigError, ModelConfig, is_preset, model_config  # noqa: F401  (is_preset re-exported)
+from .converted import CONVERT_INFO  # its `parallel` section describes a split layout
 
 
 @dataclass
@@ -30,9 +31,6 @@ def load_tokenizer(path: Path) -> Any | None:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ConfigError(f"{path}: cannot read tokenizer ({e})") from None
-
-
-CONVERT_INFO = "dsv4_convert.json"  # written by `dsv4 convert`; its `parallel` section describes a split layout
 
 
 def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[Path] | None:

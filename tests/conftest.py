@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from common.checkpoint import Weights
 from common.config import ModelConfig, config_from_dict
 
 # keep BLAS and torch to the CI machine's two cores
@@ -27,14 +26,6 @@ def small_config(**over) -> ModelConfig:
     )
     raw.update(over)
     return config_from_dict(raw, "test-config")
-
-
-def to_weights(tensors: dict[str, np.ndarray], mtp: bool = False) -> Weights:
-    w = Weights()
-    for k, v in tensors.items():
-        w[k] = v.astype(np.int64) if k.endswith("tid2eid") else np.asarray(v, dtype=np.float32)
-    w.mtp_enabled = mtp
-    return w
 
 
 @pytest.fixture

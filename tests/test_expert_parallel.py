@@ -357,25 +357,21 @@ def test_world_size_not_dividing_experts_is_refused(model_dir):
 
 
 def test_rank_dying_mid_decode_fails_fast(model_dir):
-    t0 = time.monotonic()
+    # the launcher reacts to the death, not to the collective timeout: with a timeout far longer than the
+    # subprocess's own bound (dsv4(..., timeout=...)), waiting for it would end in TimeoutExpired, not here
     p = dsv4("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7;8,9", "--max-new-tokens", "6",
-             "--ignore-eos", "--nproc", "2", "--dist-timeout", "30", env={"DSV4_FAULT_INJECT": "rank:1,step:2"})
-    elapsed = time.monotonic() - t0
+             "--ignore-eos", "--nproc", "2", "--dist-timeout", "3600", env={"DSV4_FAULT_INJECT": "rank:1,step:2"})
     assert p.returncode != 0
     assert "dsv4 generate: error: rank 1 was killed by signal SIGKILL" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert p.stdout == ""
-    assert elapsed < 25  # the launcher reacts to the death, not to the 30 s collective timeout
 
 
 def test_hung_rank_hits_the_collective_timeout(model_dir):
-    t0 = time.monotonic()
     p = dsv4("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7;8,9", "--max-new-tokens", "6",
              "--ignore-eos", "--nproc", "2", "--dist-timeout", "3", "--moe-comm", "dispatch_combine",
              env={"DSV4_FAULT_INJECT": "rank:1,step:2,hang:1"})
-    elapsed = time.monotonic() - t0
     assert p.returncode != 0
     assert "rank 0: error:" in p.stderr and "--dist-timeout" in p.stderr, p.stderr
     assert "rank 0 exited with code 75 (a collective failed); stopped rank 1" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
-    assert elapsed < 40

@@ -167,8 +167,12 @@ def test_indexer_topk_random_and_ties(B, rng):
     got = B.to_numpy(B.indexer_topk(*(B.from_numpy(a) for a in args), 4, 6, 1.0))
     np.testing.assert_array_equal(got, R.indexer_topk(*args, 4, 6, 1.0))
     assert got[0].tolist() == [0, -1, -1, -1, -1, -1] and got[2].tolist() == [0, 1, 2, 3, 4, 5]
-    dup = np.repeat(keys[:2], 5, axis=0)  # duplicated keys: equal positive scores
-    args = (q[:2], wts[:2], dup, np.array([100, 100]))
+    # duplicated keys: equal positive scores. Integer-valued inputs make every product and partial sum exact in
+    # float32, so the ties are ties whatever order a BLAS adds the dot products in (random floats are not:
+    # "equal" dot products of duplicated rows can differ in the last bit between BLAS kernels)
+    qi = rng.integers(-3, 4, (2, H, d)).astype(np.float32)
+    dup = np.repeat(rng.integers(-3, 4, (2, d)).astype(np.float32), 5, axis=0)
+    args = (qi, rng.integers(1, 4, (2, H)).astype(np.float32), dup, np.array([100, 100]))
     got = B.to_numpy(B.indexer_topk(*(B.from_numpy(a) for a in args), 4, 7, 1.0))
     np.testing.assert_array_equal(got, R.indexer_topk(*args, 4, 7, 1.0))
     assert B.indexer_topk(*(B.from_numpy(a) for a in (q[:0], wts[:0], keys, pos[:0])), 4, 6, 1.0).shape == (0, 6)

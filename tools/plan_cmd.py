@@ -28,7 +28,7 @@ import numpy as np
 
 from common import names
 from common.config import CSA, HCA, SWA, ModelConfig, model_config
-from common.loading import CONVERT_INFO
+from common.converted import CONVERT_INFO
 from common.parallel import tp_split
 from common.recipes import Recipe, bundled_formats
 from common.recipes import bundled_recipe as load_recipe  # plan and deploy name a bundled format

@@ -12,13 +12,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from common.loading import CONVERT_INFO
+from common.converted import CONVERT_INFO, JOURNAL, MANIFEST  # noqa: F401  (re-exported)
 
 from ..errors import CliError
 
-MANIFEST = "dsv4_manifest.json"
 RESOLVED = CONVERT_INFO  # dsv4_convert.json: model summary, recipe, parallel layout
-JOURNAL = "dsv4_progress.json"
 # small files next to the weights that a converted directory keeps (tokenizer, generation defaults)
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
              "chat_template.jinja")
