@@ -26,9 +26,10 @@ command runs as one rank and rank 0 prints the result.
 
 Faults: collectives time out after `--dist-timeout` seconds; a rank whose collective fails prints one
 line and exits with EXIT_COLLECTIVE. Test hook (for the fault-handling tests only):
-DSV4_FAULT_INJECT="rank:R,step:S[,exit:C][,hang:1]" makes rank R die abruptly before decode step S
+DSV4_FAULT_INJECT="rank:R,step:S[,exit:C][,hang:1][,stop:1]" makes rank R die abruptly before decode step S
 (step 0 = before the prefill): SIGKILL by default, os._exit(C) with `exit:C`; `hang:1` makes it stop
-answering instead, so the other ranks run into the collective timeout.
+answering instead (its Python sleeps, its threads run), `stop:1` makes it SIGSTOP itself (every thread
+frozen), so the other ranks run into the collective timeout and their watchdog names it.
 
 This module imports torch only inside functions: the single-process CLI must not need it.
 """
@@ -45,9 +46,10 @@ from typing import Any
 
 from common.generate import Ranks
 
+from .watchdog import EXIT_COLLECTIVE  # noqa: F401  (a rank whose collective failed; re-exported)
+
 FAULT_ENV = "DSV4_FAULT_INJECT"
 EXIT_FAILED = 1  # the launcher's exit code when a rank failed
-EXIT_COLLECTIVE = 75  # a rank whose collective failed (usually because another rank died first)
 DEFAULT_TIMEOUT = 60.0
 STOP_GRACE = 3.0  # seconds the launcher waits after SIGTERM before SIGKILL
 LOAD_TIMEOUT = 1800.0  # seconds ranks wait for each other to finish loading weights
@@ -107,6 +109,9 @@ def init_distributed(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> t
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    from . import watchdog
+
+    watchdog.set_timeout(timeout)  # every collective of this rank, whatever path it blocks in
     return rank, world, local_rank
 
 
@@ -131,14 +136,19 @@ def _parse_fault(text: str | None) -> dict[str, int] | None:
     try:
         spec = {k.strip(): int(v) for k, v in (part.split(":") for part in text.split(","))}
     except ValueError:
-        raise ValueError(f"{FAULT_ENV}={text!r}: expected rank:R,step:S[,exit:C][,hang:1]") from None
-    if "rank" not in spec or "step" not in spec or set(spec) - {"rank", "step", "exit", "hang"}:
-        raise ValueError(f"{FAULT_ENV}={text!r}: expected rank:R,step:S[,exit:C][,hang:1]")
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected rank:R,step:S[,exit:C][,hang:1][,stop:1]") from None
+    if "rank" not in spec or "step" not in spec or set(spec) - {"rank", "step", "exit", "hang", "stop"}:
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected rank:R,step:S[,exit:C][,hang:1][,stop:1]")
     return spec
 
 
 def _maybe_fault(fault: dict[str, int] | None, rank: int, step: int) -> None:
     if fault and fault["rank"] == rank and fault["step"] == step:
+        if fault.get("stop"):  # the whole process freezes (all threads), as under `kill -STOP`
+            print(f"{FAULT_ENV}: rank {rank} stops itself (SIGSTOP) before decode step {step}", file=sys.stderr,
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if fault.get("hang"):
             print(f"{FAULT_ENV}: rank {rank} hangs before decode step {step}", file=sys.stderr, flush=True)
             while True:  # until the launcher (or torchrun) kills it
@@ -199,9 +209,47 @@ class DataParallelRanks(Ranks):
 
 # ---- the launcher ----------------------------------------------------------------------------------
 
-def _bootstrap(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
-    """Entry of a spawned rank: the torchrun environment, then `fn(*args)`; failures become one line and
-    an exit code (os._exit: no atexit / process-group teardown that could block on dead peers)."""
+class LauncherSignalled(KeyboardInterrupt):
+    """SIGTERM / SIGHUP reached the --nproc launcher; its ranks were stopped before this was raised."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name}: stopped the ranks")
+
+
+def _die_with_parent(parent: int, rank: int) -> None:
+    """A spawned rank must not outlive the launcher (SIGKILL gives the launcher no chance to stop it): Linux
+    delivers SIGKILL to this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread checks
+    the parent's pid. The process is also named dsv4-rank<R> (PR_SET_NAME) for ps and top."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+            libc.prctl(15, f"dsv4-rank{rank}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(EXIT_FAILED)
+    if not armed:
+        import threading
+
+        def poll() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(EXIT_FAILED)
+
+        threading.Thread(target=poll, name="dsv4-parent-watch", daemon=True).start()
+
+
+def _bootstrap(rank: int, world: int, port: int, fn: Callable, args: tuple, parent: int | None = None) -> None:
+    """Entry of a spawned rank: die with the launcher, the torchrun environment, then `fn(*args)`; failures
+    become one line and an exit code (os._exit: no atexit / process-group teardown that could block on dead
+    peers)."""
+    if parent is not None:
+        _die_with_parent(parent, rank)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     code = run_guarded(rank, fn, *args)
@@ -249,7 +297,6 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout: float | None = N
     raises RankFailed naming the first failing rank after stopping the others. `timeout` bounds the
     whole run (None = no bound; the ranks' collective timeout still applies)."""
     import multiprocessing as mp
-    import multiprocessing.connection as mpc
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -260,45 +307,27 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout: float | None = N
     ctx = mp.get_context("spawn")
     old = os.environ.get("OMP_NUM_THREADS")
     share = max(1, (os.cpu_count() or 1) // world)
-    os.environ["OMP_NUM_THREADS"] = str(min(int(old), share) if old and old.isdigit() else share)
-    procs = []
-    try:
-        for r in range(world):
-            p = ctx.Process(target=_bootstrap, args=(r, world, store.port, fn, args), name=f"dsv4-rank{r}")
-            p.start()
-            procs.append(p)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    procs: list = []
     failed: list[tuple[int, int | None]] = []
+    old_handlers = _forward_termination()
     try:
-        while pending and not failed:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = mpc.wait(list(pending), timeout=wait)
-            if not ready:
-                failed.append((min(pending.values()), None))
-                break
-            for s in ready:
-                r = pending.pop(s)
-                procs[r].join()
-                if procs[r].exitcode != 0:
-                    failed.append((r, procs[r].exitcode))
-        if failed and pending:
-            # the others usually fail within moments (a peer vanished from their collectives); collect them
-            # briefly so the report names the rank that failed first, not one that saw the failure
-            end = time.monotonic() + 1.0
-            while pending and time.monotonic() < end:
-                for s in mpc.wait(list(pending), timeout=max(0.0, end - time.monotonic())):
-                    r = pending.pop(s)
-                    procs[r].join()
-                    if procs[r].exitcode != 0:
-                        failed.append((r, procs[r].exitcode))
+        os.environ["OMP_NUM_THREADS"] = str(min(int(old), share) if old and old.isdigit() else share)
+        try:
+            for r in range(world):
+                p = ctx.Process(target=_bootstrap, args=(r, world, store.port, fn, args, os.getpid()),
+                                name=f"dsv4-rank{r}")
+                p.start()
+                procs.append(p)
+        finally:
+            if old is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = old
+        _watch_ranks(procs, failed, timeout)
     finally:
         stopped = _stop(procs)
+        _restore_handlers(old_handlers)
+        stuck = _stuck_verdict(store)
         del store
     if failed:
         primary = next((f for f in failed if f[1] != EXIT_COLLECTIVE), failed[0])
@@ -306,7 +335,73 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout: float | None = N
         detail = f"; stopped rank{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))}" if stopped else ""
         if others:
             detail = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed)" + detail
+        if stuck:
+            detail += f"; {stuck}"
         raise RankFailed(primary[0], primary[1], detail)
+
+
+def _watch_ranks(procs: list, failed: list[tuple[int, int | None]], timeout: float | None) -> None:
+    """Wait for the ranks; on the first failure collect, briefly, the ones that fail right after it."""
+    import multiprocessing.connection as mpc
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    while pending and not failed:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mpc.wait(list(pending), timeout=wait)
+        if not ready:
+            failed.append((min(pending.values()), None))
+            return
+        for s in ready:
+            r = pending.pop(s)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                failed.append((r, procs[r].exitcode))
+    # the others usually fail within moments (a peer vanished from their collectives); collect them briefly
+    # so the report names the rank that failed first, not one that saw the failure
+    end = time.monotonic() + 1.0
+    while failed and pending and time.monotonic() < end:
+        for s in mpc.wait(list(pending), timeout=max(0.0, end - time.monotonic())):
+            r = pending.pop(s)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                failed.append((r, procs[r].exitcode))
+
+
+def _forward_termination() -> dict[int, Any]:
+    """SIGTERM / SIGHUP to the launcher raise LauncherSignalled in its main thread, so the `finally` that
+    stops the ranks runs (the default action would end the launcher and orphan them)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise LauncherSignalled(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_handlers(old: dict[int, Any]) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _stuck_verdict(store: Any) -> str:
+    """What a rank's collective watchdog recorded about a stuck peer ('' if nothing)."""
+    from .watchdog import STUCK_KEY
+
+    try:
+        if store.check([STUCK_KEY]):
+            who, verdict = store.get(STUCK_KEY).decode().split("|", 1)
+            return f"{verdict} (seen by rank {who})"
+    except Exception:  # the store's own failure must not hide the rank's
+        pass
+    return ""
 
 
 def _stop(procs: list) -> list[int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from common.parallel import expert_slice, expert_split_error  # noqa: F401  (re-exported)
 
 from . import soc as soc_table
+from . import watchdog
 from .mc2_standin import all_gather_flat, reduce_scatter_flat
 
 STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
@@ -48,11 +50,21 @@ def first_line(e: BaseException) -> str:
 
 
 def collective(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Run one collective; a backend failure (gloo / HCCL raise RuntimeError) becomes a CollectiveError."""
+    """Run one collective under the watchdog's deadline (the --dist-timeout, or the call's own `timeout`);
+    a backend failure (gloo / HCCL raise RuntimeError) becomes a CollectiveError naming the peers to blame."""
+    own = kwargs.get("timeout")
+    bound = own.total_seconds() if isinstance(own, timedelta) else None
     try:
-        return fn(*args, **kwargs)
+        with watchdog.watch(what, bound):
+            return fn(*args, **kwargs)
     except RuntimeError as e:
-        raise CollectiveError(f"{what} failed: {first_line(e)}") from e
+        raise failed(what, e) from e
+
+
+def failed(what: str, e: BaseException) -> CollectiveError:
+    verdict = watchdog.blame()
+    watchdog.report(verdict)
+    return CollectiveError(f"{what} failed: {first_line(e)}" + (f"; {verdict}" if verdict else ""))
 
 
 def _import_torch_npu() -> Any:
@@ -272,10 +284,11 @@ class EPBackend:
                   expert_shard_type=0, shared_expert_rank_num=0, global_bs=max(tmax, 1) * ep.world)
         ids32 = ids.to(torch.int32)
         try:
-            expand_x, _dyn, assist, token_nums, recv_counts, _tp, expand_scales = dispatch(
-                x=x.to(wire), expert_ids=ids32, quant_mode=0, expert_token_nums_type=1, **kw)
+            with watchdog.watch("MoE dispatch"):
+                expand_x, _dyn, assist, token_nums, recv_counts, _tp, expand_scales = dispatch(
+                    x=x.to(wire), expert_ids=ids32, quant_mode=0, expert_token_nums_type=1, **kw)
         except RuntimeError as e:
-            raise CollectiveError(f"MoE dispatch failed: {first_line(e)}") from e
+            raise failed("MoE dispatch", e) from e
         rows = int(token_nums.sum())
         local_ids = torch.repeat_interleave(torch.arange(experts.first, experts.first + experts.count,
                                                          device=expand_x.device), token_nums.to(torch.int64))
@@ -285,8 +298,9 @@ class EPBackend:
         expert_out[:rows] = y.to(expand_x.dtype)
         info = {"assist_info_for_combine": assist} if version == 2 else {"expand_idx": assist}
         try:
-            out = combine(expand_x=expert_out, expert_ids=ids32, ep_send_counts=recv_counts,
-                          expert_scales=w.to(torch.float32), expand_scales=expand_scales, **info, **kw)
+            with watchdog.watch("MoE combine"):
+                out = combine(expand_x=expert_out, expert_ids=ids32, ep_send_counts=recv_counts,
+                              expert_scales=w.to(torch.float32), expand_scales=expand_scales, **info, **kw)
         except RuntimeError as e:
-            raise CollectiveError(f"MoE combine failed: {first_line(e)}") from e
+            raise failed("MoE combine", e) from e
         return out[:n].to(x.dtype)
