@@ -163,3 +163,21 @@ def test_signal_to_the_launcher_leaves_no_rank_behind(model_dir, sig):
     assert left == [], f"{sig}: ranks {left} outlived the launcher"
     if sig != "SIGKILL":
         assert "Traceback" not in "".join(lines), "".join(lines)
+
+
+def test_launcher_killed_during_start_up_leaves_no_rank_behind(model_dir):
+    """SIGKILL while the ranks are still starting (before any collective): they must not wait for the
+    rendezvous store's timeout under PID 1."""
+    p, lines = _start(model_dir, "", "--dist-timeout", str(SAFETY))
+    ranks: list[int] = []
+    end = time.monotonic() + SAFETY
+    while len(ranks) < 2 and time.monotonic() < end and p.poll() is None:
+        ranks = rank_pids(p.pid)
+        time.sleep(0.02)
+    assert len(ranks) == 2, "".join(lines)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=SAFETY)
+    left = wait_gone(ranks)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"ranks {left} outlived the launcher"
