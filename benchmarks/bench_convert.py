@@ -33,7 +33,7 @@ from common import names
 from common.checkpoint import INDEX
 from common.config import PRESET_DIR, ModelConfig, config_from_dict
 from tools.convert import OutTensor, Shard, ShardFile
-from tools.hf_bridge import official_config_dict
+from tools.testing.hf_bridge import official_config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 1 << 30

@@ -40,7 +40,7 @@ from common.generate import SamplingParams, generate
 from common.loading import load_model
 from common.model import Model
 from common.names import expected_tensors, parse_expert
-from tools.hf_bridge import hf_model_from_weights
+from tools.testing.hf_bridge import hf_model_from_weights
 
 TARGET_DECODE = 1.5  # ours/transformers decode tokens/s the port aims for
 TARGET_PREFILL = 1.0

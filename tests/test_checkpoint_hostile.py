@@ -17,7 +17,7 @@ from common.checkpoint import INDEX, count_nonfinite
 from common.loading import load_model
 from common.presets import random_weights
 from common.safetensors_io import CheckpointError, write_safetensors
-from tools.hf_bridge import official_config_dict, official_to_hf_state, save_official
+from tools.testing.hf_bridge import official_config_dict, official_to_hf_state, save_official
 
 from .conftest import small_config
 

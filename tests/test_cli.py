@@ -14,7 +14,7 @@ import pytest
 
 from common.presets import random_weights
 from common.safetensors_io import SafetensorsFile, write_safetensors
-from tools.hf_bridge import official_config_dict, save_official
+from tools.testing.hf_bridge import official_config_dict, save_official
 
 from .conftest import small_config
 

@@ -25,7 +25,7 @@ from common.presets import random_weights
 from common.safetensors_io import SafetensorsFile, write_safetensors
 from ops import quant
 from ops.numpy_ref import NumpyBackend
-from tools.release_format import write_release
+from tools.testing.release_format import write_release
 
 from .conftest import small_config
 
@@ -116,7 +116,7 @@ def _prompt_logits(model_dir: Path, ids: list[int]) -> tuple[np.ndarray, object]
 def test_release_generate_matches_transformers_on_dequantized_weights(cfg, release):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from tools.hf_bridge import hf_model_from_weights
+    from tools.testing.hf_bridge import hf_model_from_weights
 
     lm = load_model(str(release), log=lambda m: None)
     assert lm.weights.mtp_enabled
@@ -185,7 +185,7 @@ def test_bf16_of_base_checkpoint_is_reported_rounded(release_base, root):
 def test_transformers_naming_source(cfg, root):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from tools import hf_bridge
+    from tools.testing import hf_bridge
 
     hf = hf_bridge.build_random_hf_model(cfg, seed=4)
     src, dst = root / "hf-src", root / "hf-bf16"

@@ -195,7 +195,7 @@ def test_model_path_only_on_the_nodes_is_a_warning(tmp_path):
 @pytest.fixture(scope="module")
 def ep2_conversion(tmp_path_factory) -> Path:
     from common.presets import random_weights
-    from tools.hf_bridge import save_official
+    from tools.testing.hf_bridge import save_official
 
     root = tmp_path_factory.mktemp("ep2")
     cfg = small_config()

@@ -21,7 +21,7 @@ from common.model import Model  # noqa: E402
 from common.presets import random_weights  # noqa: E402
 from ops.contract import ExpertWeights  # noqa: E402
 from ops.numpy_ref import NumpyBackend  # noqa: E402
-from tools.hf_bridge import save_official  # noqa: E402
+from tools.testing.hf_bridge import save_official  # noqa: E402
 
 from .conftest import small_config  # noqa: E402
 

@@ -16,7 +16,7 @@ from ascend.backends import get_backend  # noqa: E402
 from common.generate import SamplingParams, generate  # noqa: E402
 from common.loading import load_model  # noqa: E402
 from common.model import Model  # noqa: E402
-from tools import hf_bridge  # noqa: E402
+from tools.testing import hf_bridge  # noqa: E402
 
 from .conftest import small_config  # noqa: E402
 

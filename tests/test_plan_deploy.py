@@ -24,7 +24,7 @@ from tools.cluster import (
     rank_table,
     validate_rank_table,
 )
-from tools.hf_bridge import save_official
+from tools.testing.hf_bridge import save_official
 
 from .conftest import small_config
 

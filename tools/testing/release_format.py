@@ -50,7 +50,7 @@ def release_tensors(name: str, w: np.ndarray, expert_dtype: str = "fp4",
 def write_release(cfg: ModelConfig, weights: dict[str, np.ndarray], out_dir: str | Path, shards: int = 2,
                   expert_dtype: str = "fp4", scale_dtype: str = "ue8m0") -> dict[str, str]:
     """Quantize and write `weights` (official names, float) as a sharded release checkpoint; returns the map."""
-    from tools.hf_bridge import official_config_dict
+    from tools.testing.hf_bridge import official_config_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

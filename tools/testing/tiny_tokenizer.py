@@ -1,6 +1,6 @@
 """Rebuilds configs/models/tiny.tokenizer.json: a 512-entry byte-level BPE for the tiny preset.
 
-Run `python -m tools.tiny_tokenizer` to regenerate. Byte-level, so any text encodes.
+Run `python -m tools.testing.tiny_tokenizer` to regenerate. Byte-level, so any text encodes.
 """
 
 from __future__ import annotations
