@@ -40,14 +40,28 @@ def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[
     if not info_path.is_file():
         return None
     try:
-        par = json.loads(info_path.read_text()).get("parallel") or {}
-    except json.JSONDecodeError as e:
+        doc = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{info_path}: not valid JSON ({e})") from None
+    par = (doc.get("parallel") if isinstance(doc, dict) else None) or {}
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{info_path}: parallel.{what}")
+
+    if not isinstance(par, dict):
+        raise bad(f" must be an object, got {type(par).__name__}")
     ranks = par.get("ranks") or []
-    if int(par.get("world_size", 1)) <= 1 or not ranks:
+    world_size, tp = par.get("world_size", 1), par.get("tp", 1)
+    for k, v in (("world_size", world_size), ("tp", tp)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(f"{k}: {v!r} is not a positive integer")
+    if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("index"), str)
+                                              for r in ranks):
+        raise bad("ranks: must be a list of objects with an 'index' path")
+    if world_size <= 1 or not ranks:
         return None
-    if int(par.get("tp", 1)) > 1:
-        raise ConfigError(f"{model_dir}: converted with --tp {par['tp']}; this runtime runs attention data-parallel "
+    if tp > 1:
+        raise ConfigError(f"{model_dir}: converted with --tp {tp}; this runtime runs attention data-parallel "
                           f"and loads only --tp 1 conversions")
     if rank is None:
         return [model_dir / r["index"] for r in ranks]

@@ -130,3 +130,24 @@ def test_tid2eid_error_names_the_bad_value(tmp_path, cfg, weights):
     w[name] = t
     save_official(cfg, w, tmp_path)
     load_fails(tmp_path, name, "routes to expert -3", "1 such entry")
+
+
+@pytest.mark.parametrize("doc, needle", [
+    ([1], None),  # not an object: no parallel layout recorded
+    ({"parallel": [1]}, "parallel. must be an object"),
+    ({"parallel": {"world_size": "2", "ranks": []}}, "parallel.world_size: '2'"),
+    ({"parallel": {"world_size": 2, "tp": 1, "ranks": [1, 2]}}, "parallel.ranks"),
+])
+def test_malformed_conversion_record(tmp_path, cfg, weights, doc, needle):
+    from common.config import ConfigError
+    from common.converted import CONVERT_INFO
+    from common.loading import split_indexes
+
+    save_official(cfg, weights, tmp_path)
+    (tmp_path / CONVERT_INFO).write_text(json.dumps(doc))
+    if needle is None:
+        assert split_indexes(tmp_path, 0, 2) is None
+        return
+    with pytest.raises(ConfigError) as e:
+        split_indexes(tmp_path, 0, 2)
+    assert needle in str(e.value) and CONVERT_INFO in str(e.value)

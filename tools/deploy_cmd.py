@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, ModelConfig, load_config, load_preset
-from common.loading import CONVERT_INFO, is_preset, split_indexes
+from common.converted import CONVERT_INFO
+from common.loading import is_preset, split_indexes
 
 from .cluster import Cluster, Node, load_cluster, rank_table_json
 from .errors import EXIT_USAGE, CliError, log
