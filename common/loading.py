@@ -46,18 +46,18 @@ def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[
     par = (doc.get("parallel") if isinstance(doc, dict) else None) or {}
 
     def bad(what: str) -> ConfigError:
-        return ConfigError(f"{info_path}: parallel.{what}")
+        return ConfigError(f"{info_path}: parallel{what}")
 
     if not isinstance(par, dict):
-        raise bad(f" must be an object, got {type(par).__name__}")
+        raise bad(f": must be an object, got {type(par).__name__}")
     ranks = par.get("ranks") or []
     world_size, tp = par.get("world_size", 1), par.get("tp", 1)
     for k, v in (("world_size", world_size), ("tp", tp)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad(f"{k}: {v!r} is not a positive integer")
+            raise bad(f".{k}: {v!r} is not a positive integer")
     if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("index"), str)
                                               for r in ranks):
-        raise bad("ranks: must be a list of objects with an 'index' path")
+        raise bad(".ranks: must be a list of objects with an 'index' path")
     if world_size <= 1 or not ranks:
         return None
     if tp > 1:

@@ -134,7 +134,7 @@ def test_tid2eid_error_names_the_bad_value(tmp_path, cfg, weights):
 
 @pytest.mark.parametrize("doc, needle", [
     ([1], None),  # not an object: no parallel layout recorded
-    ({"parallel": [1]}, "parallel. must be an object"),
+    ({"parallel": [1]}, "parallel: must be an object"),
     ({"parallel": {"world_size": "2", "ranks": []}}, "parallel.world_size: '2'"),
     ({"parallel": {"world_size": 2, "tp": 1, "ranks": [1, 2]}}, "parallel.ranks"),
 ])
