@@ -555,11 +555,13 @@ def reasons(cfg: ModelConfig, cluster: Cluster, res: dict[str, Any], opt: Option
             d = c["decode"]["seconds"]["step"] - best["decode"]["seconds"]["step"]
             out.append(f"TP{other.tp}/DP{other.dp}: fits ({_g(c['memory']['headroom'])} GiB free), decode "
                        f"{_ms(c['decode']['seconds']['step'])} ({'+' if d >= 0 else ''}{d * 1e3:.2f} ms vs chosen)"
-                       + (", less free memory" if d < 0 else "") + ".")
+                       + (", but not runnable here (the runtime has no attention TP)" if not other.runnable and
+                          lay.runnable else ", less free memory" if d < 0 else "") + ".")
     for d in res["dropped"]:
         out.append(f"not considered: {d}.")
-    out.append(f"rule: among layouts that fit with at least {TIGHT_GIB:g} GiB free (any that fit if none does), take "
-               f"the fastest decode step; steps within {NEAR:.0%} of it tie and the most free memory wins.")
+    out.append(f"rule: among the layouts the runtime runs (all of them if none of those fits) that fit with at least "
+               f"{TIGHT_GIB:g} GiB free (any that fit if none does), take the fastest decode step; steps within "
+               f"{NEAR:.0%} of it tie and the most free memory wins.")
     return out
 
 
