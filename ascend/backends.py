@@ -14,16 +14,24 @@ BACKENDS = ("cpu", "mindspore", "torch")
 DEVICES = ("cpu", "npu")
 
 
+def device_error(name: str, device: str | None) -> str | None:
+    """Why backend `name` cannot run on `device`, or None (checked before any rank is started)."""
+    if device is not None and device not in DEVICES:
+        return f"unknown device {device!r}; choose from {', '.join(DEVICES)}"
+    if name in ("cpu", "numpy") and device == "npu":
+        return ("--device npu needs an Ascend backend: add --backend torch (torch_npu) or --backend mindspore; "
+                "the cpu backend is the NumPy reference and runs on the host")
+    return None
+
+
 def get_backend(name: str, device: str | None = None, soc: str | None = None, **options: Any) -> Backend:
     """`device` ("cpu" or "npu") is translated per backend and `soc` goes to the Ascend backends; other
     `options` go to backends that take them (torch: providers, dtype; mindspore: jit, threads, ...). The NumPy
     reference runs on the host only: `device="npu"` with it is refused rather than silently ignored."""
-    if device is not None and device not in DEVICES:
-        raise BackendUnavailable(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    err = device_error(name, device)
+    if err:
+        raise BackendUnavailable(err)
     if name in ("cpu", "numpy"):
-        if device == "npu":
-            raise BackendUnavailable("--device npu needs an Ascend backend: add --backend torch (torch_npu) or "
-                                     "--backend mindspore; the cpu backend is the NumPy reference and runs on the host")
         from ops.numpy_ref import NumpyBackend
 
         return NumpyBackend()

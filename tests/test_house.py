@@ -118,6 +118,7 @@ def test_partial_conversion_says_what_it_is(model_dir, tmp_path):
     (("--seed", "-1"), 2, "--seed must be in"),
     (("--prompt", "", "--no-bos"), 2, "--prompt: no tokens"),
     (("--device", "npu"), 3, "--device npu needs an Ascend backend"),
+    (("--device", "npu", "--nproc", "2"), 3, "--device npu needs an Ascend backend"),
 ])
 def test_generate_bad_arguments(args, code, needle):
     refused(dsv4("generate", "--model", "tiny", "--max-new-tokens", "2", *args), code, needle)

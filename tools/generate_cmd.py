@@ -171,10 +171,15 @@ def _world(args) -> tuple[bool, int]:
 def run_generate_distributed(args) -> int:
     import importlib.util
 
+    from ascend.backends import device_error
+
     from .generate_dist import Job, probe_model, run_rank
 
     params = sampling_params(args)
     torchrun, world = _world(args)
+    err = device_error(args.backend, args.device)
+    if err:
+        raise CliError(err)
     if args.device == "npu" and importlib.util.find_spec("torch_npu") is None:
         raise CliError("--device npu needs torch_npu (and CANN); it is not installed here")
     check_outputs(args)
