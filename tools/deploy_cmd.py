@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, ModelConfig, load_config, load_preset
+from common.config import ConfigError, ModelConfig, load_config, model_config
 from common.converted import CONVERT_INFO
 from common.loading import is_preset, split_indexes
 
@@ -90,11 +90,7 @@ def resolve_deploy_model(spec: str) -> tuple[ModelConfig | None, str, str | None
     absolute path that does not exist here is accepted with a warning (config None: nothing model-specific
     is checked or planned; the preflight scripts check it on each node)."""
     if is_preset(spec):
-        cfg, preset = load_preset(spec)
-        if not preset.get("random_weights"):
-            raise ConfigError(f"preset {spec!r} describes the released model's shape only and has no weights; "
-                              f"deploy a checkpoint directory (use `dsv4 plan --model {spec}` for planning)")
-        return cfg, spec, None
+        return model_config(spec, need_weights=True)[0], spec, None
     check_model_path(spec)
     p = Path(spec)
     if not p.exists():

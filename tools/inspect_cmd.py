@@ -9,8 +9,7 @@ from pathlib import Path
 
 from common import names
 from common.checkpoint import Checkpoint
-from common.config import load_config, load_preset
-from common.loading import is_preset
+from common.config import model_config
 
 
 def param_counts(cfg, with_mtp: bool) -> dict[str, int]:
@@ -119,13 +118,12 @@ def checkpoint_formats(ckpt: Checkpoint) -> dict:
 
 def run_inspect(args) -> int:
     conv = None
-    if is_preset(args.model):
-        cfg, preset = load_preset(args.model)
+    cfg, preset = model_config(args.model)
+    if preset is not None:
         fmt = None
         source = f"preset {args.model}" + (" (random weights)" if preset.get("random_weights") else " (shape only)")
         with_mtp = cfg.n_mtp_layers > 0
     else:
-        cfg = load_config(args.model)
         conv = conversion_info(Path(args.model))
         ckpt_dir = Path(args.model)
         if conv and not list(ckpt_dir.glob("*.safetensors")) and (ckpt_dir / "rank-00000").is_dir():
