@@ -131,6 +131,10 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + params.max_new_tokens > model.cfg.max_position_embeddings:  # refused before any forward
+        raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds "
+                         f"max_position_embeddings ({model.cfg.max_position_embeddings})")
     import numpy as np  # host-side RNG for sampling; logits come back to the host anyway
 
     n = len(prompts)

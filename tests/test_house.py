@@ -150,6 +150,35 @@ def test_a_failed_logits_write_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_recording_leaves_no_temp_file(tmp_path, monkeypatch):
+    from ops.numpy_ref import NumpyBackend
+    from ops.recording import RecordingBackend
+
+    rec = RecordingBackend(NumpyBackend(), "cpu")
+    rec.records["x"] = np.zeros(3, dtype=np.float32)
+
+    def full_disk(path, **arrays):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError):
+        rec.save(tmp_path / "ops.npz")
+    assert list(tmp_path.iterdir()) == [] and not rec.saved
+
+
+def test_generate_refuses_to_run_past_max_position_embeddings():
+    from common.generate import SamplingParams, generate
+    from common.model import Model
+    from ops.numpy_ref import NumpyBackend
+
+    cfg = small_config(max_position_embeddings=8)
+    model = Model(cfg, random_weights(cfg, seed=1), NumpyBackend())
+    with pytest.raises(ValueError, match=r"max_position_embeddings \(8\)"):
+        generate(model, [[1, 2, 3, 4, 5]], SamplingParams(max_new_tokens=4))
+    assert len(generate(model, [[1, 2, 3, 4, 5]], SamplingParams(max_new_tokens=3)).output_ids[0]) <= 3
+
+
 # ---- compare ---------------------------------------------------------------------------------------------------
 
 def test_compare_takes_prompt_and_steps_from_the_dump(tmp_path):
