@@ -91,6 +91,21 @@ def _prompt_and_steps(args, cfg) -> tuple[list[int], int]:
     return prompt, steps
 
 
+def _scopes(rows: list[dict]) -> dict[str, dict]:
+    """Per model scope: op count, worst max-abs / relative error / cosine and the op with the worst relative."""
+    scopes: dict[str, dict] = {}
+    for r in rows:
+        s = scopes.setdefault(r["scope"], {"scope": r["scope"], "ops": 0, "max_abs": 0.0, "rel": 0.0, "cosine": 1.0,
+                                           "worst_op": ""})
+        s["ops"] += 1
+        if r["rel"] >= s["rel"]:
+            s["worst_op"] = r["op"]
+        s["max_abs"] = max(s["max_abs"], r["max_abs"])
+        s["rel"] = max(s["rel"], r["rel"])
+        s["cosine"] = min(s["cosine"], r["cosine"])
+    return scopes
+
+
 def run_compare(args) -> int:
     if args.steps is not None and args.steps < 0:
         raise CliError("--steps must be >= 0", EXIT_USAGE)
@@ -114,16 +129,7 @@ def run_compare(args) -> int:
     if not rows:
         raise CliError("the two runs share no recorded ops (different models or prompts?)")
     first_bad = next((r for r in rows if r["rel"] > args.tol), None)
-    scopes: dict[str, dict] = {}
-    for r in rows:
-        s = scopes.setdefault(r["scope"], {"scope": r["scope"], "ops": 0, "max_abs": 0.0, "rel": 0.0, "cosine": 1.0,
-                                           "worst_op": ""})
-        s["ops"] += 1
-        if r["rel"] >= s["rel"]:
-            s["worst_op"] = r["op"]
-        s["max_abs"] = max(s["max_abs"], r["max_abs"])
-        s["rel"] = max(s["rel"], r["rel"])
-        s["cosine"] = min(s["cosine"], r["cosine"])
+    scopes = _scopes(rows)
     tokens_a, tokens_b = ha.get("output_ids"), hb.get("output_ids")
     summary = {
         "a": ha.get("label", args.a), "b": hb.get("label", args.b), "prompt_len": len(prompt),
