@@ -143,46 +143,40 @@ def _jobs_of(t: TensorPlan, tp: int) -> list[Job]:
     return jobs
 
 
-def plan_conversion(cfg: ModelConfig, sources: list[Source], recipe: Recipe, layout: Layout, group: int | None,
-                    shard_size: int) -> Plan:
-    """Decide every output tensor (dtype, shape, part, shard) before reading any data; validate splits."""
-    tensors: list[TensorPlan] = []
-    for s in sources:
-        role = names.role(s.name)
-        scheme = SCHEMES[recipe.roles[role]]
-        if scheme.kinds != s.kind:
-            raise CliError(f"tensor {s.name!r} (role {role}) cannot use scheme {scheme.name!r}")
-        if scheme.linear_only and len(s.shape) != 2:
-            raise CliError(f"tensor {s.name!r} (role {role}) is not a 2-D weight; scheme {scheme.name!r} needs one")
-        if scheme.name == "w4a8":
-            K = s.shape[1]
-            if group is None or K % group:
-                raise CliError(f"tensor {s.name!r}: W4A8 group size {group} does not divide its input width {K}; "
-                               f"pass --group-size with a divisor of {K}")
-        specs = scheme.specs(s.name, s.shape, s.weight.tag, group or 0)
-        rule = tp_rule(s.name) if layout.tp > 1 else None
-        outputs: list[OutTensor] = []
-        if rule is None:
-            outputs = [OutTensor(n, layout.part_of(n, None), tag, shp) for n, tag, shp in specs]
-        else:
-            axis, style, unit_attr = rule
-            unit = getattr(cfg, unit_attr) if unit_attr else 1
-            full = s.shape[axis]
-            if full % (layout.tp * unit):
-                raise CliError(f"--tp {layout.tp}: tensor {s.name!r} dimension {axis} ({full}) does not split into "
-                               f"{layout.tp} slices of whole {unit_attr or 'rows'} ({unit})")
-            for n, _tag, shp in specs:
-                if len(shp) > axis and shp[axis] % layout.tp:
-                    raise CliError(f"--tp {layout.tp}: stored tensor {n!r} {list(shp)} does not split along axis "
-                                   f"{axis} (for W4A8 the slice width must be a multiple of the group size)")
-            for t in range(layout.tp):
-                for n, tag, shp in specs:
-                    sl = tuple(d // layout.tp if i == axis else d for i, d in enumerate(shp)) if len(shp) > axis \
-                        else shp
-                    outputs.append(OutTensor(n, layout.part_of(n, t), tag, sl))
-            rule = (axis, style)
-        tensors.append(TensorPlan(s, role, scheme.name, specs, rule, outputs))
-    # shards: per part, in plan order, greedily up to shard_size (a bigger tensor gets a shard of its own)
+def _check_scheme(s: Source, role: str, scheme: Any, group: int | None) -> None:
+    if scheme.kinds != s.kind:
+        raise CliError(f"tensor {s.name!r} (role {role}) cannot use scheme {scheme.name!r}")
+    if scheme.linear_only and len(s.shape) != 2:
+        raise CliError(f"tensor {s.name!r} (role {role}) is not a 2-D weight; scheme {scheme.name!r} needs one")
+    if scheme.name == "w4a8":
+        K = s.shape[1]
+        if group is None or K % group:
+            raise CliError(f"tensor {s.name!r}: W4A8 group size {group} does not divide its input width {K}; "
+                           f"pass --group-size with a divisor of {K}")
+
+
+def _tp_outputs(cfg: ModelConfig, s: Source, specs: list, rule: tuple, layout: Layout) -> list[OutTensor]:
+    """The TP slices of one tensor's outputs (whole heads / groups per slice, checked)."""
+    axis, _style, unit_attr = rule
+    unit = getattr(cfg, unit_attr) if unit_attr else 1
+    full = s.shape[axis]
+    if full % (layout.tp * unit):
+        raise CliError(f"--tp {layout.tp}: tensor {s.name!r} dimension {axis} ({full}) does not split into "
+                       f"{layout.tp} slices of whole {unit_attr or 'rows'} ({unit})")
+    for n, _tag, shp in specs:
+        if len(shp) > axis and shp[axis] % layout.tp:
+            raise CliError(f"--tp {layout.tp}: stored tensor {n!r} {list(shp)} does not split along axis "
+                           f"{axis} (for W4A8 the slice width must be a multiple of the group size)")
+    outputs = []
+    for t in range(layout.tp):
+        for n, tag, shp in specs:
+            sl = tuple(d // layout.tp if i == axis else d for i, d in enumerate(shp)) if len(shp) > axis else shp
+            outputs.append(OutTensor(n, layout.part_of(n, t), tag, sl))
+    return outputs
+
+
+def _shards(tensors: list[TensorPlan], shard_size: int, plan: Plan) -> None:
+    """Per part, in plan order, greedily up to shard_size (a bigger tensor gets a shard of its own)."""
     per_part: dict[str, list[list[OutTensor]]] = {}
     sizes: dict[str, int] = {}
     for t in tensors:
@@ -193,7 +187,6 @@ def plan_conversion(cfg: ModelConfig, sources: list[Source], recipe: Recipe, lay
                 sizes[o.part] = 0
             groups[-1].append(o)
             sizes[o.part] = sizes.get(o.part, 0) + o.nbytes
-    plan = Plan(tensors, [j for t in tensors for j in _jobs_of(t, layout.tp)], [])
     for part in sorted(per_part):
         groups = per_part[part]
         for i, entries in enumerate(groups):
@@ -205,4 +198,25 @@ def plan_conversion(cfg: ModelConfig, sources: list[Source], recipe: Recipe, lay
                 if key in plan.shard_of:
                     raise AssertionError(f"output tensor {o.name!r} planned twice in part {part!r}")
                 plan.shard_of[key] = sh
+
+
+def plan_conversion(cfg: ModelConfig, sources: list[Source], recipe: Recipe, layout: Layout, group: int | None,
+                    shard_size: int) -> Plan:
+    """Decide every output tensor (dtype, shape, part, shard) before reading any data; validate splits."""
+    tensors: list[TensorPlan] = []
+    for s in sources:
+        role = names.role(s.name)
+        scheme = SCHEMES[recipe.roles[role]]
+        _check_scheme(s, role, scheme, group)
+        specs = scheme.specs(s.name, s.shape, s.weight.tag, group or 0)
+        rule = tp_rule(s.name) if layout.tp > 1 else None
+        if rule is None:
+            outputs = [OutTensor(n, layout.part_of(n, None), tag, shp) for n, tag, shp in specs]
+            split = None
+        else:
+            outputs = _tp_outputs(cfg, s, specs, rule, layout)
+            split = (rule[0], rule[1])
+        tensors.append(TensorPlan(s, role, scheme.name, specs, split, outputs))
+    plan = Plan(tensors, [j for t in tensors for j in _jobs_of(t, layout.tp)], [])
+    _shards(tensors, shard_size, plan)
     return plan
