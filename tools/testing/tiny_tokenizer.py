@@ -5,12 +5,12 @@ Run `python -m tools.testing.tiny_tokenizer` to regenerate. Byte-level, so any t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from common.config import PRESET_DIR
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-OUT = Path(__file__).resolve().parent.parent / "configs" / "models" / "tiny.tokenizer.json"
+OUT = PRESET_DIR / "tiny.tokenizer.json"
 
 CORPUS = """
 DeepSeek-V4 is a mixture-of-experts language model. Each token is routed to a few experts chosen by a
