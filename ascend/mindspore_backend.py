@@ -28,6 +28,7 @@ import numpy as np
 
 from ops import BackendUnavailable
 from ops import quant as Q
+from ops.attention_kernels import AttentionKernels
 from ops.contract import ExpertWeights
 from ops.numpy_ref import ATTN_BLOCK, sample_numpy
 
@@ -144,7 +145,7 @@ class _W4A8:
         self.source = w
 
 
-class MindSporeBackend:
+class MindSporeBackend(AttentionKernels):
     """The op contract on MindSpore tensors (`device` "cpu" or "ascend").
 
     jit: compile the static-shape kernels of `ms_kernels.JITTABLE` with `mindspore.jit` for calls of at most
@@ -163,7 +164,8 @@ class MindSporeBackend:
         self.device = device
         self._ms, self._k = _start_runtime(device, threads, sync_launch)
         ms = self._ms
-        self._dtypes = {"float32": ms.float32, "int64": ms.int64, "int32": ms.int32, "bool": ms.bool_}
+        self._dtypes = {"float32": ms.float32, "int64": ms.int64, "int32": ms.int32, "bool": ms.bool_,
+                        "int8": ms.int8, "float16": ms.float16}
         self.soc = soc or (_ascend_soc(ms) if device == "ascend" else None)
         self.providers = (socmod.MINDSPORE, socmod.COMPOSED) if device == "ascend" else (socmod.COMPOSED,)
         self.jit = jit

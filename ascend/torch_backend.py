@@ -24,16 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ops.attention_kernels import AttentionKernels
 from ops.contract import ExpertWeights
-from ops.numpy_ref import sample_numpy
+from ops.numpy_ref import ATTN_BLOCK, sample_numpy
 
 from . import custom_standin, npu_standin
 from . import soc as S
 
 F32 = torch.float32
-_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+           "int8": torch.int8, "float16": torch.float16}
 _KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_BLOCK = 64  # query rows per attention / indexer block, as in ops.numpy_ref
 
 # Lowerings this backend implements: table op -> {"provider:kernel": method}. A table variant without an
 # entry here is reported as "kernel missing" and skipped (see REASONS for why).
@@ -168,7 +169,7 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(x * 0.5) + 1.0) * 0.5  # the reference's tanh form
 
 
-class TorchBackend:
+class TorchBackend(AttentionKernels):
     """The op contract on torch tensors, lowered through torch_npu / CANN custom ops / composed torch."""
 
     name = "torch"
