@@ -24,7 +24,7 @@ CUSTOM_PACKAGES = {
     "vllm_ascend": ("_C_ascend", "vllm_ascend.vllm_ascend_C"),
     "custom_ops": ("custom", "custom_ops"),
 }
-# the custom kernels the torch backend calls (see ascend/custom_standin.py for their semantics)
+# the custom kernels the torch backend calls (see ascend/standins/vllm_ascend.py for their semantics)
 CUSTOM_KERNELS = ("moe_gating_top_k_hash", "npu_hc_pre_v2", "npu_hc_post")
 
 _DEFAULT_CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/cann/latest")
@@ -158,7 +158,7 @@ def detect() -> DeviceInfo:
 
 
 class RealCustomOps:
-    """The custom kernels of the installed packages, under the names and signatures of `custom_standin`."""
+    """The custom kernels of the installed packages, under the names and signatures of `standins.vllm_ascend`."""
 
     def __init__(self, info: DeviceInfo):
         import torch

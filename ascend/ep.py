@@ -12,7 +12,7 @@ backend. Strategies (vllm-ascend's MoECommType, shared/spec/ascend_ecosystem.md 
 - alltoall: histogram of destination ranks, counts exchange, all_to_all_single of rows / expert ids /
   weights with split sizes, local experts on the received rows, reverse all_to_all_single, sum over k.
 - dispatch_combine: the MC2 pair `npu_moe_distribute_dispatch_v2` / `npu_moe_distribute_combine_v2`
-  (torch_npu on an NPU, `ascend.mc2_standin` over gloo on a CPU), grouped expert GEMM in between.
+  (torch_npu on an NPU, `ascend.standins.mc2` over gloo on a CPU), grouped expert GEMM in between.
 - auto: `ascend.soc.select_moe_comm` per forward call from the largest per-rank token count.
 
 Tensors cross ranks as torch tensors; NumPy activations are wrapped with torch.from_numpy and unwrapped
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import soc as soc_table
-from .mc2_standin import all_gather_flat, reduce_scatter_flat
+from .standins.mc2 import all_gather_flat, reduce_scatter_flat
 
 STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
 MOE_COMM_CHOICES = ("auto",) + STRATEGIES
@@ -140,7 +140,7 @@ class ExpertParallel:
             if self.device == "npu":
                 mod = _import_torch_npu()
             else:
-                from . import npu_standin as mod
+                from .standins import torch_npu as mod
             if hasattr(mod, "npu_moe_distribute_dispatch_v2"):
                 self._mc2 = (mod.npu_moe_distribute_dispatch_v2, mod.npu_moe_distribute_combine_v2, 2)
             else:
@@ -156,7 +156,7 @@ class ExpertParallel:
                 rank = dist.get_rank(self.mc2_group)
                 self._comm_name = self.mc2_group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
             else:
-                from .mc2_standin import register_group
+                from .standins.mc2 import register_group
 
                 self._comm_name = register_group(self.mc2_group)
         return self._comm_name

@@ -95,12 +95,16 @@ TABLE: dict[str, tuple[Variant, ...]] = {
         Variant(TORCH_NPU, "npu_mhc_pre+npu_mhc_sinkhorn", socs=(A5,),
                 limits={"hc_mult_in": (4, 6, 8), "hidden_multiple_of": 16, "dtype_in": ("bfloat16", "float16")},
                 note="torch_npu mHC ops ship for 950 only"),
-        Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3), limits={"hc_mult_in": (4,), "dtype_in": ("bfloat16",)}),
+        # vllm-ascend csrc/torch_binding.cpp:1289-1292,1339-1355 (182b75e): bf16 x, hc 4, D 4096 or 7168, mix 24
+        Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3),
+                limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "dtype_in": ("bfloat16",)},
+                note="x [T, hc, D] or [B, S, hc, D]; hc_fn [24, hc*D]"),
         Variant(COMPOSED, ""),
     ),
     "hc_post": (
         Variant(TORCH_NPU, "npu_mhc_post", socs=(A5,), limits={"dtype_in": ("bfloat16", "float16")}),
-        Variant(CUSTOM, "npu_hc_post", socs=(A2, A3)),
+        # check_hc_post_shape_and_dtype (torch_binding.cpp:1240): x [b,s,d], residual [b,s,hc,d], post [b,s,hc]
+        Variant(CUSTOM, "npu_hc_post", socs=(A2, A3), note="called with b = 1, s = T"),
         Variant(COMPOSED, ""),
     ),
     "compress": (

@@ -4,8 +4,9 @@ Every contract op picks its lowering variant once per (op, call-shape class) fro
 (`ascend.soc.select`) and dispatches to the method that implements that variant: a torch_npu kernel
 (`self.npu.*`), a CANN custom-op kernel (`self.custom.*`), or a composition of plain torch ops. On an NPU
 `self.npu` is the real torch_npu and `self.custom` the installed custom-op package; on CPU the stand-ins
-(`ascend.npu_standin`, `ascend.custom_standin`) implement the same functions from their documented
-semantics, so this exact lowering code runs and is checked against the NumPy reference on any machine.
+(`ascend.standins.torch_npu`, `ascend.standins.vllm_ascend`) are torch.library ops defined from the real
+schemas with the bindings' host-side checks, so this exact lowering code runs, and is held to the real call
+signatures, and is checked against the NumPy reference on any machine.
 
 Tensors between ops are float32 on `device`. `dtype` is the activation dtype handed to the kernels
 (float32 by default; bfloat16 / float16 make the low-precision-only kernels selectable, which is how they
@@ -27,8 +28,9 @@ import torch
 from ops.contract import ExpertWeights
 from ops.numpy_ref import sample_numpy
 
-from . import custom_standin, npu_standin
 from . import soc as S
+from .standins import torch_npu as npu_standin
+from .standins import vllm_ascend as custom_standin
 
 F32 = torch.float32
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
@@ -503,7 +505,10 @@ class TorchBackend:
     def _hc_post_custom(self, y, x, post, comb):
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        return self.custom.npu_hc_post(self._k(y), self._k(x), post, comb).to(F32)
+        # the binding takes x [b, s, d], residual [b, s, hc, d], post [b, s, hc], comb [b, s, hc, hc]
+        # (vllm-ascend csrc/torch_binding.cpp check_hc_post_shape_and_dtype); the T tokens are one batch row
+        out = self.custom.npu_hc_post(self._k(y)[None], self._k(x)[None], post[None], comb[None])
+        return out[0].to(F32)
 
     def _hc_post_composed(self, y, x, post, comb):
         return post[:, :, None] * y[:, None, :] + torch.matmul(comb.transpose(1, 2), x)
@@ -707,16 +712,17 @@ class TorchBackend:
     def _moe_experts_npu(self, x, weights, ids, experts, limit):
         T, K = ids.shape
         first, count = experts.first, experts.count
+        # quant_mode explicit: the 2.9.0 wheel defaults it to 0 (static quant), which the kernel does not support
         ex, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
             self._k(x), ids.to(torch.int32), expert_num=experts.n_experts, expert_tokens_num_type=1,
-            expert_tokens_num_flag=True, active_expert_range=[first, first + count], row_idx_type=0)
-        n = ex.shape[0]
+            expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[first, first + count], row_idx_type=0)
+        n = int(counts.sum())  # ex has T*K rows; the first n are the local experts' copies
         if n == 0:  # no copy routed to a local expert
             return torch.zeros((T, x.shape[1]), dtype=F32, device=self.device)
         # routing weight of each expanded row (row_idx maps source copy t*K + j -> expanded row, -1 if remote);
         # it scales the SwiGLU output before the down projection, the reference's order
         ok = row_idx >= 0
-        w_exp = torch.zeros(n, dtype=F32, device=self.device)
+        w_exp = torch.zeros(T * K, dtype=F32, device=self.device)
         w_exp[row_idx[ok].to(torch.int64)] = weights.reshape(-1)[ok]
         stacked = self._stacked(experts)
         swiglu = self._pick("swiglu", {"dtype": self.dtype})
@@ -730,17 +736,23 @@ class TorchBackend:
         else:
             # quantized experts: each local expert's row block through the linear lowering (W8A8: npu_quant_matmul);
             # per-token activation quantization makes row blocks independent, so this equals one grouped GEMM
-            exf, parts, a = ex.to(F32), [], 0
+            exf, parts, a = ex[:n].to(F32), [], 0
             for e, c in enumerate(counts.tolist()):
                 if c:
                     rows = exf[a:a + c]
                     gu = torch.cat([self.linear(rows, experts.w1[e]), self.linear(rows, experts.w3[e])], dim=-1)
                     parts.append(self.linear(swiglu(gu, limit) * w_exp[a:a + c, None], experts.w2[e]))
                     a += c
-            y = torch.cat(parts, dim=0)
-        # -1 rows of row_idx read as zero rows: remote experts add nothing
-        out = self.npu.npu_moe_finalize_routing(self._k(y), None, None, None, None, row_idx, None, drop_pad_mode=2,
-                                                k=K)
+            y = torch.cat(parts + [torch.zeros((T * K - n, x.shape[1]), dtype=F32, device=self.device)], dim=0)
+        # finalize_routing takes only drop_pad_mode 0: a column-major map (entry i + j*T is copy j of token i) with
+        # every value a valid row. Copies routed to remote experts (-1) read row n, past the local rows and zeroed,
+        # so they add nothing. Scales of ones fix K without the `k` argument, which torch-npu 2.9.0 lacks.
+        y = self._k(y)
+        if n < T * K:
+            y[n:] = 0
+        dst = torch.where(row_idx >= 0, row_idx, n).reshape(T, K).t().reshape(-1).to(torch.int32)
+        ones = torch.ones((T, K), dtype=y.dtype, device=self.device)
+        out = self.npu.npu_moe_finalize_routing(y, None, None, None, ones, dst, None, drop_pad_mode=0)
         return out.to(F32)
 
     def _moe_experts_composed(self, x, weights, ids, experts, limit):

@@ -149,9 +149,9 @@ def _exchange_worker(report_dir: str) -> None:
     """Runs on every rank: each strategy and the stand-in ops against direct single-rank computations."""
     import torch
 
-    from ascend import mc2_standin as mc2
     from ascend.distributed import init_distributed
     from ascend.ep import EPBackend, ExpertParallel, expert_slice
+    from ascend.standins import mc2
 
     rank, world, _ = init_distributed("cpu", 20)
     report: dict[str, str] = {}
@@ -288,7 +288,7 @@ def test_exchange(exchange_report, check):
 
 
 def test_standin_is_importable_alone():
-    code = ("import sys; import ascend.mc2_standin as m; "
+    code = ("import sys; import ascend.standins.mc2 as m; "
             "assert 'torch_npu' not in sys.modules and 'ascend.ep' not in sys.modules; "
             "print(m.npu_moe_distribute_dispatch_v2.__name__)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
