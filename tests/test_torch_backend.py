@@ -17,7 +17,7 @@ from ascend import soc as S  # noqa: E402
 from ascend.device import cann_version, detect  # noqa: E402
 from ascend.standins import torch_npu as ns  # noqa: E402
 from ascend.standins import vllm_ascend as cs  # noqa: E402
-from ascend.torch_backend import LOWERINGS, TorchBackend, explain_selection, model_calls  # noqa: E402
+from ascend.torch_backend import LOWERINGS, TorchBackend, model_calls  # noqa: E402
 from common.config import load_preset  # noqa: E402
 from common.generate import SamplingParams, generate  # noqa: E402
 from common.model import Model  # noqa: E402
@@ -335,20 +335,19 @@ def test_low_precision_kernels_match_reference_at_bf16(rng, soc, providers, expe
         assert v[op].startswith(prefix), (op, v[op])
 
 
-def test_explain_agrees_with_select():
+def test_plan_agrees_with_select():
+    """doctor's plan and the backend's selection are one rule (soc.explain): the chosen row is select's."""
     cfg, _ = load_preset("v4-flash")
     for dtype in ("float32", "bfloat16"):
         calls = model_calls(cfg, dtype)
         for soc in S.SOCS:
             for providers in PROVIDER_SETS.values():
                 B = TorchBackend(soc=soc, providers=providers)
+                plan = B.plan(calls)
                 for op in LOWERINGS:
-                    def has(v, op=op, B=B):
-                        return B.has_kernel(op, v)
-                    chosen = [e for e in explain_selection(op, soc, providers, calls[op], has)
-                              if e["status"] == "chosen"]
-                    v = S.select(op, soc, providers, calls[op], has_kernel=has)
-                    assert [e["variant"] for e in chosen] == [f"{v.provider}:{v.kernel}"]
+                    chosen = [e["variant"] for e in plan[op] if e["status"] == "chosen"]
+                    v = S.select(op, soc, providers, calls[op], lambda var, op=op, B=B: B.kernel_problem(op, var))
+                    assert chosen == [f"{v.provider}:{v.kernel}"]
 
 
 # ---- stand-in semantics ----------------------------------------------------------------------------------------
