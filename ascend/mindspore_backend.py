@@ -40,7 +40,7 @@ DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
 # run op by op, because a static graph recompiles for every new shape (0.3-1 s each on CPU)
 JIT_MAX_TOKENS = 16
 
-# (table op, kernel) pairs of provider "mindspore" that this backend implements (the `has_kernel` of select);
+# (table op, kernel) pairs of provider "mindspore" that this backend implements (the `kernel_problem` of select);
 # table rows of provider "mindspore" not listed here fall through to the composed variant
 MS_KERNELS = {
     ("rms_norm", "RmsNorm"),
@@ -191,7 +191,8 @@ class MindSporeBackend(AttentionKernels):
     # ---- variant selection ---------------------------------------------------------------------------------------
     def _select(self, op: str, table_op: str, call: dict | None = None) -> socmod.Variant:
         v = socmod.select(table_op, self.soc or socmod.A2, self.providers, call,
-                          has_kernel=lambda var: (table_op, var.kernel) in MS_KERNELS)
+                          kernel_problem=lambda var: None if (table_op, var.kernel) in MS_KERNELS
+                          else "not implemented by this backend")
         self._variants[op] = v.provider if v.provider == socmod.COMPOSED else f"{v.provider}:{v.kernel}"
         return v
 

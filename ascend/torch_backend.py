@@ -4,8 +4,9 @@ Every contract op picks its lowering variant once per (op, call-shape class) fro
 (`ascend.soc.select`) and dispatches to the method that implements that variant: a torch_npu kernel
 (`self.npu.*`), a CANN custom-op kernel (`self.custom.*`), or a composition of plain torch ops. On an NPU
 `self.npu` is the real torch_npu and `self.custom` the installed custom-op package; on CPU the stand-ins
-(`ascend.npu_standin`, `ascend.custom_standin`) implement the same functions from their documented
-semantics, so this exact lowering code runs and is checked against the NumPy reference on any machine.
+(`ascend.standins.torch_npu`, `ascend.standins.vllm_ascend`) are torch.library ops defined from the real
+schemas with the bindings' host-side checks, so this exact lowering code runs, and is held to the real call
+signatures, and is checked against the NumPy reference on any machine.
 
 Tensors between ops are float32 on `device`. `dtype` is the activation dtype handed to the kernels
 (float32 by default; bfloat16 / float16 make the low-precision-only kernels selectable, which is how they
@@ -28,8 +29,10 @@ from ops.attention_kernels import AttentionKernels
 from ops.contract import ExpertWeights
 from ops.numpy_ref import ATTN_BLOCK, sample_numpy
 
-from . import custom_standin, npu_standin
 from . import soc as S
+from . import versions
+from .standins import torch_npu as npu_standin
+from .standins import vllm_ascend as custom_standin
 
 F32 = torch.float32
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
@@ -93,29 +96,6 @@ def _key(v: S.Variant) -> str:
     return f"{v.provider}:{v.kernel}"
 
 
-def explain_selection(op: str, soc: str, providers: Iterable[str], call: Mapping[str, Any] | None,
-                      has_kernel: Callable[[S.Variant], bool]) -> list[dict[str, str]]:
-    """Every variant of `op` with "chosen" / "skipped" and why, in `soc.select`'s order and rules."""
-    providers = set(providers)
-    out, chosen = [], False
-    for v in S.TABLE[op]:
-        reason = ""
-        if chosen:
-            reason = "a preferred variant was chosen"
-        elif v.provider not in providers:
-            reason = "provider absent"
-        elif v.provider != S.COMPOSED and soc not in v.socs:
-            reason = f"not on {soc}"
-        elif v.fits(call or {}):
-            reason = v.fits(call or {})
-        elif v.provider != S.COMPOSED and not has_kernel(v):
-            reason = REASONS.get(_key(v), "kernel missing")
-        status = "skipped" if reason else "chosen"
-        chosen = chosen or not reason
-        out.append({"variant": _key(v), "status": status, "reason": reason, "note": v.note})
-    return out
-
-
 def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
     """The call-shape quantities each table op sees when running `cfg` (for `dsv4 doctor`)."""
     return {
@@ -128,7 +108,8 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "compress": {"ratio": max([r for r in cfg.compress_ratios if r] or [0])},
         "indexer_topk": {"topk": cfg.index_topk},
         "sparse_attention": {"heads": cfg.n_heads, "topk": cfg.index_topk},
-        "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func},
+        "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func,
+                     "hash": bool(getattr(cfg, "n_hash_layers", 0))},
         "moe_experts": {"hidden": cfg.dim, "topk": cfg.n_activated_experts},
         "swiglu": {"dtype": dtype},
         "sample": {},
@@ -175,9 +156,11 @@ class TorchBackend(AttentionKernels):
     name = "torch"
 
     def __init__(self, device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
-                 dtype: str = "float32"):
-        """device "cpu" runs the stand-ins (soc simulated, default A2); "npu" needs torch_npu and detects the
-        SoC. providers defaults to torch_npu + composed, plus custom when a custom-op package is installed."""
+                 dtype: str = "float32", torch_npu_version: str | None = None):
+        """device "cpu" runs the stand-ins (soc simulated, default A2; torch_npu_version the schema version
+        simulated, default the primary one of ascend/versions.py); "npu" needs a supported torch_npu with a
+        visible NPU and detects the SoC and version. providers defaults to torch_npu + composed, plus custom when
+        a custom-op package is installed."""
         from . import device as devmod
 
         if dtype not in _KERNEL_DTYPES:
@@ -187,21 +170,26 @@ class TorchBackend(AttentionKernels):
         self.info = devmod.detect() if device == "npu" else None
         real_custom = None
         if device == "npu":
-            npu, err = devmod.import_torch_npu()
-            if npu is None or not self.info.has_npu:
-                from ops import BackendUnavailable
+            from ops import BackendUnavailable
 
-                raise BackendUnavailable(f"--device npu needs torch_npu with a visible NPU ({err or 'no device'})")
+            npu = devmod.require_torch_npu(BackendUnavailable)
+            if not self.info.has_npu:
+                raise BackendUnavailable(f"--device npu needs a visible NPU ({self.info.torch_npu_error or 'none'})")
             self.npu: Any = npu
+            self.torch_npu_version = versions.supported_torch_npu(getattr(npu, "__version__", None))
             self.device = torch.device("npu")
             detected = self.info.soc
             if soc is None and detected is None:
                 raise ValueError(f"unknown Ascend chip {self.info.chip!r}; pass soc= explicitly")
             self.soc = soc or detected
             if self.info.custom_kernels:
-                real_custom = devmod.RealCustomOps(self.info)
+                real_custom = devmod.RealCustomOps(self.info) or None
         elif device == "cpu":
             self.npu = npu_standin
+            if torch_npu_version is not None and versions.supported_torch_npu(torch_npu_version) is None:
+                raise ValueError(f"torch_npu_version {torch_npu_version!r}: schemas are kept for "
+                                 f"{', '.join(sorted(versions.TORCH_NPU_CANN))}")
+            self.torch_npu_version = versions.release(torch_npu_version) or versions.TORCH_NPU_PRIMARY
             self.device = torch.device("cpu")
             self.soc = soc or S.A2
         else:
@@ -224,18 +212,27 @@ class TorchBackend(AttentionKernels):
         self._ones: dict[int, torch.Tensor] = {}
 
     # ---- variant selection -------------------------------------------------------------------------
-    def has_kernel(self, op: str, v: S.Variant) -> bool:
-        """This backend lowers `v` and its provider module has every kernel the variant names."""
+    def kernel_problem(self, op: str, v: S.Variant) -> str | None:
+        """Why this backend cannot run variant `v` of `op` (None: it can): no lowering here, the provider module
+        lacks a kernel, or the provider's schema at its version lacks an op or argument the variant needs."""
         if _key(v) not in LOWERINGS.get(op, {}):
-            return False
+            return REASONS.get(_key(v), "kernel missing")
         mod = self.npu if v.provider == S.TORCH_NPU else self.custom
-        return all(hasattr(mod, k) for k in v.kernel.split("+"))
+        missing = [k for k in v.kernel.split("+") if not hasattr(mod, k)]
+        if missing:
+            return f"kernel missing: {', '.join(missing)}"
+        if v.provider == S.TORCH_NPU:
+            return versions.kernel_problem(v.kernel, v.requires, self.torch_npu_version)
+        return None
+
+    def has_kernel(self, op: str, v: S.Variant) -> bool:
+        return self.kernel_problem(op, v) is None
 
     def _pick(self, op: str, call: Mapping[str, Any]) -> Callable:
         key = (op, tuple(sorted(call.items())))
         v = self._chosen.get(key)
         if v is None:
-            v = S.select(op, self.soc, self.providers, call, has_kernel=lambda var: self.has_kernel(op, var))
+            v = S.select(op, self.soc, self.providers, call, lambda var: self.kernel_problem(op, var))
             self._chosen[key] = v
         self._note(op, _key(v))
         return getattr(self, LOWERINGS[op][_key(v)])
@@ -249,14 +246,11 @@ class TorchBackend(AttentionKernels):
         """op -> "provider:kernel" actually used so far (several call-shape classes: joined with " | ")."""
         return {op: " | ".join(vs) for op, vs in self._used.items()}
 
-    def selections(self) -> dict[tuple[str, tuple], str]:
-        """(op, call-shape class) -> "provider:kernel", one entry per class seen."""
-        return {k: _key(v) for k, v in self._chosen.items()}
-
     def plan(self, calls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, str]]]:
         """For each table op, every variant with chosen / skipped and why, for the given call quantities."""
-        return {op: explain_selection(op, self.soc, self.providers, calls.get(op, {}),
-                                      lambda v, op=op: self.has_kernel(op, v)) for op in LOWERINGS}
+        return {op: [{k: e[k] for k in ("variant", "status", "reason", "note")}
+                     for e in S.explain(op, self.soc, self.providers, calls.get(op, {}),
+                                        lambda v, op=op: self.kernel_problem(op, v))] for op in LOWERINGS}
 
     # ---- plumbing -------------------------------------------------------------------------------------
     def from_numpy(self, a: Any) -> Any:
@@ -504,7 +498,10 @@ class TorchBackend(AttentionKernels):
     def _hc_post_custom(self, y, x, post, comb):
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        return self.custom.npu_hc_post(self._k(y), self._k(x), post, comb).to(F32)
+        # the binding takes x [b, s, d], residual [b, s, hc, d], post [b, s, hc], comb [b, s, hc, hc]
+        # (vllm-ascend csrc/torch_binding.cpp check_hc_post_shape_and_dtype); the T tokens are one batch row
+        out = self.custom.npu_hc_post(self._k(y)[None], self._k(x)[None], post[None], comb[None])
+        return out[0].to(F32)
 
     def _hc_post_composed(self, y, x, post, comb):
         return post[:, :, None] * y[:, None, :] + torch.matmul(comb.transpose(1, 2), x)
@@ -604,7 +601,7 @@ class TorchBackend(AttentionKernels):
                  ids: torch.Tensor, topk: int, score_func: str, route_scale: float,
                  norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
         E = weight.shape[0]
-        call = {"topk": topk, "experts": E, "score_func": score_func}
+        call = {"topk": topk, "experts": E, "score_func": score_func, "hash": tid2eid is not None}
         impl = self._pick("moe_gate", call)
         if x.shape[0] == 0:
             return (torch.zeros((0, topk), dtype=F32, device=self.device),
@@ -621,9 +618,11 @@ class TorchBackend(AttentionKernels):
 
     def _moe_gate_npu(self, logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
         raw = score_func != "softmax" and not norm_topk_prob
+        # input_ids / tid2eid only with hash routing: torch-npu 2.9.0's schema has neither argument
+        hashed = {"input_ids": ids, "tid2eid": tid2eid} if tid2eid is not None else {}
         y, idx, norm = self.npu.npu_moe_gating_top_k(
-            logits, topk, bias=bias, input_ids=ids if tid2eid is not None else None, tid2eid=tid2eid,
-            norm_type=0 if score_func == "softmax" else 1, out_flag=raw, routed_scaling_factor=route_scale, eps=1e-20)
+            logits, topk, bias=bias, norm_type=0 if score_func == "softmax" else 1, out_flag=raw,
+            routed_scaling_factor=route_scale, eps=1e-20, **hashed)
         return self._gate_kernel_out(y, idx, norm, score_func, route_scale, norm_topk_prob)
 
     def _moe_gate_custom(self, logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
@@ -708,16 +707,17 @@ class TorchBackend(AttentionKernels):
     def _moe_experts_npu(self, x, weights, ids, experts, limit):
         T, K = ids.shape
         first, count = experts.first, experts.count
+        # quant_mode explicit: the 2.9.0 wheel defaults it to 0 (static quant), which the kernel does not support
         ex, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
             self._k(x), ids.to(torch.int32), expert_num=experts.n_experts, expert_tokens_num_type=1,
-            expert_tokens_num_flag=True, active_expert_range=[first, first + count], row_idx_type=0)
-        n = ex.shape[0]
+            expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[first, first + count], row_idx_type=0)
+        n = int(counts.sum())  # ex has T*K rows; the first n are the local experts' copies
         if n == 0:  # no copy routed to a local expert
             return torch.zeros((T, x.shape[1]), dtype=F32, device=self.device)
         # routing weight of each expanded row (row_idx maps source copy t*K + j -> expanded row, -1 if remote);
         # it scales the SwiGLU output before the down projection, the reference's order
         ok = row_idx >= 0
-        w_exp = torch.zeros(n, dtype=F32, device=self.device)
+        w_exp = torch.zeros(T * K, dtype=F32, device=self.device)
         w_exp[row_idx[ok].to(torch.int64)] = weights.reshape(-1)[ok]
         stacked = self._stacked(experts)
         swiglu = self._pick("swiglu", {"dtype": self.dtype})
@@ -731,17 +731,23 @@ class TorchBackend(AttentionKernels):
         else:
             # quantized experts: each local expert's row block through the linear lowering (W8A8: npu_quant_matmul);
             # per-token activation quantization makes row blocks independent, so this equals one grouped GEMM
-            exf, parts, a = ex.to(F32), [], 0
+            exf, parts, a = ex[:n].to(F32), [], 0
             for e, c in enumerate(counts.tolist()):
                 if c:
                     rows = exf[a:a + c]
                     gu = torch.cat([self.linear(rows, experts.w1[e]), self.linear(rows, experts.w3[e])], dim=-1)
                     parts.append(self.linear(swiglu(gu, limit) * w_exp[a:a + c, None], experts.w2[e]))
                     a += c
-            y = torch.cat(parts, dim=0)
-        # -1 rows of row_idx read as zero rows: remote experts add nothing
-        out = self.npu.npu_moe_finalize_routing(self._k(y), None, None, None, None, row_idx, None, drop_pad_mode=2,
-                                                k=K)
+            y = torch.cat(parts + [torch.zeros((T * K - n, x.shape[1]), dtype=F32, device=self.device)], dim=0)
+        # finalize_routing takes only drop_pad_mode 0: a column-major map (entry i + j*T is copy j of token i) with
+        # every value a valid row. Copies routed to remote experts (-1) read row n, past the local rows and zeroed,
+        # so they add nothing. Scales of ones fix K without the `k` argument, which torch-npu 2.9.0 lacks.
+        y = self._k(y)
+        if n < T * K:
+            y[n:] = 0
+        dst = torch.where(row_idx >= 0, row_idx, n).reshape(T, K).t().reshape(-1).to(torch.int32)
+        ones = torch.ones((T, K), dtype=y.dtype, device=self.device)
+        out = self.npu.npu_moe_finalize_routing(y, None, None, None, ones, dst, None, drop_pad_mode=0)
         return out.to(F32)
 
     def _moe_experts_composed(self, x, weights, ids, experts, limit):

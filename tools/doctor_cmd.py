@@ -37,7 +37,7 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         "torch_npu": info.torch_npu_version,
         "torch_npu_error": info.torch_npu_error,
         "custom_packages": info.custom_packages,
-        "kernels": "torch_npu" if info.has_npu else "stand-ins (ascend.npu_standin, ascend.custom_standin)",
+        "kernels": "torch_npu" if info.has_npu else "stand-ins (ascend.standins: torch_npu, vllm_ascend, mc2)",
         "model": model,
         "dtype": dtype,
         "ops": {},
