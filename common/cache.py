@@ -4,6 +4,10 @@ Per layer: the sliding-window ring [window, head_dim] (slot = pos % window); for
 compressed entries [n, head_dim] and the compressor's open group (raw projections of < ratio tokens,
 and for the overlapping CSA compressor the previous group's first half); for CSA also the indexer's
 compressed keys [n, index_head_dim] and its own compressor state.
+
+The window ring and the compressed entries are held in the backend's activation dtype (`act_dtype`, bf16 on
+a device as the official kv cache; float32 when the backend has none); the compressor's open groups stay
+float32, as the official compressor state.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from .config import CSA, SWA, ModelConfig
 class GrowingRows:
     """Rows appended over time into a buffer that doubles when full."""
 
-    def __init__(self, B: Backend, width: int, capacity: int = 16):
+    def __init__(self, B: Backend, width: int, capacity: int = 16, dtype: str = "float32"):
         self.B = B
-        self.buf = B.zeros((capacity, width))
+        self.dtype = dtype
+        self.buf = B.zeros((capacity, width), dtype)
         self.n = 0
 
     def append(self, rows: Any) -> None:
@@ -30,7 +35,7 @@ class GrowingRows:
             return
         if self.n + k > self.buf.shape[0]:
             cap = max(2 * self.buf.shape[0], self.n + k)
-            new = self.B.zeros((cap, self.buf.shape[1]))
+            new = self.B.zeros((cap, self.buf.shape[1]), self.dtype)
             new[: self.n] = self.buf[: self.n]
             self.buf = new
         self.buf[self.n:self.n + k] = rows
@@ -86,15 +91,16 @@ class SequenceCache:
 
 def new_sequence_cache(cfg: ModelConfig, B: Backend, with_mtp: bool) -> SequenceCache:
     layers = []
+    act = getattr(B, "act_dtype", "float32")
     n = cfg.n_total_layers if with_mtp else cfg.n_layers
     for i in range(n):
         kind, r = cfg.attn_kinds[i], cfg.compress_ratios[i]
-        lc = LayerCache(kind, B.zeros((cfg.window, cfg.head_dim)))
+        lc = LayerCache(kind, B.zeros((cfg.window, cfg.head_dim), act))
         if kind != SWA:
             lc.comp = CompressorState(r, kind == CSA, cfg.head_dim, B)
-            lc.comp_kv = GrowingRows(B, cfg.head_dim)
+            lc.comp_kv = GrowingRows(B, cfg.head_dim, dtype=act)
         if kind == CSA:
             lc.index_comp = CompressorState(r, True, cfg.index_head_dim, B)
-            lc.index_kv = GrowingRows(B, cfg.index_head_dim)
+            lc.index_kv = GrowingRows(B, cfg.index_head_dim, dtype=act)
         layers.append(lc)
     return SequenceCache(layers)
