@@ -129,7 +129,7 @@ def detect_soc(device: str) -> str:
     return "A2"
 
 
-def make_backend(name: str, device: str, soc: str | None = None) -> Any:
+def make_backend(name: str, device: str, soc: str | None = None, dtype: str = "float32") -> Any:
     """The compute backend: `cpu` = NumPy reference; `torch` = ascend.torch_backend.TorchBackend on `device`
     (torch_npu on an NPU, its CPU stand-ins otherwise); any other name through ops.get_backend."""
     from ops import BackendUnavailable, get_backend
@@ -143,7 +143,7 @@ def make_backend(name: str, device: str, soc: str | None = None) -> Any:
     import inspect
 
     params = inspect.signature(TorchBackend).parameters
-    kw = {k: v for k, v in (("device", device), ("soc", soc)) if k in params}
+    kw = {k: v for k, v in (("device", device), ("soc", soc), ("dtype", dtype)) if k in params}
     return TorchBackend(**kw)
 
 
@@ -297,6 +297,7 @@ class Job:
     timeout: float = DEFAULT_TIMEOUT
     result_path: str | None = None  # rank 0 pickles its results here (spawned ranks)
     record_ops: str | None = None  # rank 0 records every op output of its first prompt to this .npz
+    dtype: str = "float32"  # torch backend activation / weight dtype (--dtype)
 
 
 @dataclass
@@ -332,8 +333,9 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
         ep = ExpertParallel.create(job.moe_comm[0], soc, job.device)
         ctrl = dist.new_group(backend="gloo")
         t0 = time.perf_counter()
-        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world)
-        backend = make_backend(job.backend, job.device, soc)
+        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world,
+                        float_dtype=job.dtype)
+        backend = make_backend(job.backend, job.device, soc, job.dtype)
         ep_backend = EPBackend(backend, ep)
         recorder = None
         if job.record_ops and rank == 0:
@@ -516,7 +518,8 @@ def _stop(procs: list) -> list[int]:
 def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int, backend: str = "cpu",
                    device: str = "cpu", moe_comm: Sequence[str] = ("auto",), soc: str | None = None,
                    keep_prompt_logits: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                   run_timeout: float | None = None, record_ops: str | None = None) -> list[RunResult]:
+                   run_timeout: float | None = None, record_ops: str | None = None,
+                   dtype: str = "float32") -> list[RunResult]:
     """Spawn `nproc` local ranks, generate once per strategy in `moe_comm` (one model load), return rank 0's
     results. The Python face of `dsv4 generate --nproc N`."""
     from .ep import MOE_COMM_CHOICES, expert_split_error
@@ -530,7 +533,7 @@ def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int
         raise ValueError(err)
     with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
         job = Job(model, [list(map(int, p)) for p in prompts], params, backend, device, list(moe_comm), soc,
-                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops)
+                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops, dtype)
         launch(nproc, run_rank, (job,), timeout=run_timeout)
         with open(job.result_path, "rb") as f:
             return pickle.load(f)
@@ -540,7 +543,7 @@ def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int
 
 def run_generate_distributed(args: Any) -> int:
     from tools.errors import EXIT_USAGE, CliError, log
-    from tools.generate_cmd import emit_result, make_prompts, result_dict, sampling_params
+    from tools.generate_cmd import emit_result, make_prompts, resolve_dtype, result_dict, sampling_params
 
     from .ep import expert_split_error
 
@@ -569,7 +572,7 @@ def run_generate_distributed(args: Any) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     prompts = make_prompts(args, cfg, tokenizer)
     job = Job(args.model, prompts, params, args.backend, args.device, [args.moe_comm], args.soc,
-              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops)
+              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops, dtype=resolve_dtype(args))
 
     if torchrun:
         holder: dict[str, Any] = {}

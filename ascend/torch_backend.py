@@ -8,9 +8,14 @@ Every contract op picks its lowering variant once per (op, call-shape class) fro
 schemas with the bindings' host-side checks, so this exact lowering code runs, and is held to the real call
 signatures, and is checked against the NumPy reference on any machine.
 
-Tensors between ops are float32 on `device`. `dtype` is the activation dtype handed to the kernels
-(float32 by default; bfloat16 / float16 make the low-precision-only kernels selectable, which is how they
-run in deployment); the table's `dtype_in` limits keep each kernel to the dtypes its documentation allows.
+`dtype` is the activation dtype: the tensors between ops and the one handed to the kernels (float32 by
+default, the CPU golden; bfloat16 / float16 as deployed, which makes the low-precision-only kernels
+selectable; the table's `dtype_in` limits keep each kernel to the dtypes its documentation allows). Weights
+stay in the form the loader hands over (`common.checkpoint.load_weights(float_dtype=...)`): bf16 / fp16,
+int8 + scales, packed int4 + scales, float32 for the roles the release keeps in float32. float32 is used
+inside an op only where the official model computes in float32 (the public ops below): mHC mixes and Sinkhorn,
+router scores, RoPE angles and rotation, RMSNorm, compressor pooling, indexer scores, attention softmax and
+accumulators with sinks. No float64 anywhere on this path (the NPU has no float64 matmul).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -35,9 +41,10 @@ from .standins import torch_npu as npu_standin
 from .standins import vllm_ascend as custom_standin
 
 F32 = torch.float32
-_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
-           "int8": torch.int8, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
+           "int32": torch.int32, "bool": torch.bool, "int8": torch.int8}
 _KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NP_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # Lowerings this backend implements: table op -> {"provider:kernel": method}. A table variant without an
 # entry here is reported as "kernel missing" and skipped (see REASONS for why).
@@ -124,19 +131,44 @@ class _W8A8:
 
 @dataclass
 class _W4A8:
-    w: torch.Tensor  # int8 [N, K] unpacked, values in [-7, 7]
+    packed: torch.Tensor  # int8 [N, K/2]: two int4 per byte, low nibble first (ops.quant.pack_int4), as stored
     scale: torch.Tensor  # float32 [N, G]
     group_size: int
+
+
+def _unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """int8 [..., K/2] packed nibbles -> int8 [..., K] in [-8, 7] (ops.quant.unpack_int4 in torch)."""
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4)  # arithmetic shift sign-extends
+    hi = torch.bitwise_right_shift(p, 4)
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
 def _is_weight_object(a: Any) -> bool:
     return hasattr(a, "dequantize") and hasattr(a, "fmt") and not isinstance(a, (np.ndarray, torch.Tensor))
 
 
+INT_GEMM_K = 1024  # K slice whose float32 partial sums are exact: 1024 * 127 * 128 < 2**24 (ops.quant.int_matmul)
+
+
 def _int_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 GEMM -> int32 (float BLAS on int8 values is exact, see ops.quant.int_matmul)."""
-    ft = torch.float32 if a.shape[-1] * 2**14 <= 2**24 else torch.float64
-    return torch.matmul(a.to(ft), b.to(ft)).to(torch.int32)
+    """Exact int8 [M, K] x int8 [K, N] -> int32, npu_quant_matmul's arithmetic from ops an NPU has: float32
+    matmuls over K slices of <= INT_GEMM_K (every partial sum an exact float32 integer), summed in int32."""
+    K = a.shape[-1]
+    acc = None
+    for k0 in range(0, max(K, 1), INT_GEMM_K):
+        part = torch.matmul(a[..., k0:k0 + INT_GEMM_K].to(F32), b[..., k0:k0 + INT_GEMM_K, :].to(F32)).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _n_chunks(N: int, n_max: int, align: int = 16) -> list[tuple[int, int]]:
+    """[a, b) column ranges of at most n_max (equal, `align`-multiple widths) covering N."""
+    if N <= n_max:
+        return [(0, N)]
+    parts = -(-N // n_max)
+    width = -(-N // parts)
+    width = min(n_max // align * align, -(-width // align) * align)
+    return [(a, min(N, a + width)) for a in range(0, N, width)]
 
 
 def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +199,8 @@ class TorchBackend(AttentionKernels):
             raise ValueError(f"dtype must be one of {', '.join(_KERNEL_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self.kdtype = _KERNEL_DTYPES[dtype]
+        self.act = self.kdtype  # activations between ops
+        self.act_dtype = dtype  # its name: common.paged_cache holds window keys and compressed entries in it
         self.info = devmod.detect() if device == "npu" else None
         real_custom = None
         if device == "npu":
@@ -246,6 +280,10 @@ class TorchBackend(AttentionKernels):
         """op -> "provider:kernel" actually used so far (several call-shape classes: joined with " | ")."""
         return {op: " | ".join(vs) for op, vs in self._used.items()}
 
+    def selections(self) -> dict[tuple[str, tuple], str]:
+        """(op, call-shape class) -> "provider:kernel", one entry per class seen."""
+        return {k: _key(v) for k, v in self._chosen.items()}
+
     def plan(self, calls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, str]]]:
         """For each table op, every variant with chosen / skipped and why, for the given call quantities."""
         return {op: [{k: e[k] for k in ("variant", "status", "reason", "note")}
@@ -254,14 +292,18 @@ class TorchBackend(AttentionKernels):
 
     # ---- plumbing -------------------------------------------------------------------------------------
     def from_numpy(self, a: Any) -> Any:
-        """A torch view of a numpy array (no copy for float32 / integer arrays on CPU). Quantized weight objects
-        pass through unchanged; they are converted once, on first use."""
+        """A torch view of a numpy array in its own dtype (no copy on CPU for float32 / bfloat16 / float16 /
+        integer arrays; the loader decides each weight's dtype, `names.device_dtype`). float64 becomes float32.
+        Quantized weight objects pass through unchanged; they are converted once, on first use."""
         if _is_weight_object(a):
             return a
         if isinstance(a, torch.Tensor):
             return a.to(self.device)
         a = np.asarray(a)
-        if a.dtype.kind == "f" and a.dtype != np.float32 or a.dtype.kind == "V":
+        bf16 = a.dtype == _NP_BF16
+        if bf16:
+            a = a.view(np.int16)  # torch.from_numpy has no ml_dtypes bfloat16: share the bits
+        elif a.dtype.kind == "f" and a.dtype not in (np.float32, np.float16) or a.dtype.kind == "V":
             a = a.astype(np.float32)
         if any(s < 0 for s in a.strides):
             a = np.ascontiguousarray(a)
@@ -269,11 +311,14 @@ class TorchBackend(AttentionKernels):
             # mmap'd checkpoints are read-only; weights are never written, so sharing the buffer is safe
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             t = torch.from_numpy(a)
+        if bf16:
+            t = t.view(torch.bfloat16)
         return t if self.device.type == "cpu" else t.to(self.device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         if isinstance(x, torch.Tensor):
-            return x.detach().cpu().numpy()
+            x = x.detach()
+            return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).cpu().numpy()
         return np.asarray(x)
 
     def zeros(self, shape: tuple[int, ...], dtype: str = "float32") -> torch.Tensor:
@@ -294,12 +339,13 @@ class TorchBackend(AttentionKernels):
 
     # ---- weights ----------------------------------------------------------------------------------
     def _dense(self, w: Any) -> torch.Tensor:
-        """A float32 [N, K] tensor for any weight (quantized objects dequantize once, cached)."""
+        """A floating [N, K] tensor for any weight: tensors as loaded; quantized objects dequantize once (cached)
+        into the activation dtype, so release FP8 sits on the device as bf16, never widened to float32."""
         if isinstance(w, torch.Tensor):
             return w
         c = self._dcache.get(w)
         if c is None:
-            c = self._dcache[w] = self.from_numpy(w.dequantize())
+            c = self._dcache[w] = self.from_numpy(w.dequantize()).to(self.act)
         return c
 
     def _w8a8(self, w: Any) -> _W8A8:
@@ -312,10 +358,7 @@ class TorchBackend(AttentionKernels):
     def _w4a8(self, w: Any) -> _W4A8:
         c = self._qcache.get(w)
         if c is None:
-            from ops.quant import unpack_int4
-
-            c = self._qcache[w] = _W4A8(self.from_numpy(unpack_int4(w.qweight)), self.from_numpy(w.scale),
-                                        w.group_size)
+            c = self._qcache[w] = _W4A8(self.from_numpy(w.qweight), self.from_numpy(w.scale), w.group_size)
         return c
 
     def _ones_like_last(self, d: int) -> torch.Tensor:
@@ -326,10 +369,11 @@ class TorchBackend(AttentionKernels):
     # ---- dense math ---------------------------------------------------------------------------------
     def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         self._note("embedding", UNTABLED["embedding"])
-        return torch.nn.functional.embedding(ids, self._dense(table)).to(F32)
+        return torch.nn.functional.embedding(ids, self._dense(table)).to(self.act)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        return self._pick("rms_norm", {"dtype": self.dtype})(x, weight, eps)
+        # the official RMSNorm computes in float32 and casts back
+        return self._pick("rms_norm", {"dtype": self.dtype})(x.to(F32), weight, eps).to(self.act)
 
     def _rms_norm_npu(self, x, weight, eps):
         if x.numel() == 0:
@@ -345,20 +389,33 @@ class TorchBackend(AttentionKernels):
     def linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         if isinstance(w, torch.Tensor):
             self._note("linear", UNTABLED["linear"])
-            return torch.nn.functional.linear(x, w)
+            return torch.nn.functional.linear(x.to(w.dtype), w).to(self.act)
         fmt = getattr(w, "fmt", None)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         if fmt == "w8a8":
-            N = w.shape[0]
-            y = self._pick("linear_w8a8", {"k": K, "n": N, "dtype": self.dtype})(x2, self._w8a8(w))
+            y = self._w8a8_linear(x2.to(F32), self._w8a8(w))
         elif fmt == "w4a8":
             self._note("linear_w4a8", UNTABLED["linear_w4a8"])
-            y = self._w4a8_composed(x2, self._w4a8(w))
+            y = self._w4a8_composed(x2.to(F32), self._w4a8(w))
         else:  # release FP8/FP4 objects run weight-only: dequantized once
             self._note("linear", UNTABLED["linear"])
-            y = torch.nn.functional.linear(x2, self._dense(w))
-        return y.reshape(*lead, y.shape[-1])
+            wd = self._dense(w)
+            y = torch.nn.functional.linear(x2.to(wd.dtype), wd)
+        return y.to(self.act).reshape(*lead, y.shape[-1])
+
+    def _w8a8_linear(self, x: torch.Tensor, q: _W8A8) -> torch.Tensor:
+        """W8A8 through the SoC table, N split into slices the integer GEMM takes (npu_quant_matmul: n <= 65535,
+        so V4-Pro's wq_b, N = 65536, runs as two slices): per-token activation scales make the slices
+        independent, so the result equals one GEMM."""
+        K, N = q.wT.shape
+        n_max = min((v.limits.get("n_max", N) for v in S.TABLE["linear_w8a8"] if v.provider == S.TORCH_NPU),
+                    default=N)
+        parts = []
+        for a, b in _n_chunks(N, n_max):
+            part = q if (a, b) == (0, N) else _W8A8(q.wT[:, a:b], q.scale[a:b])
+            parts.append(self._pick("linear_w8a8", {"k": K, "n": b - a, "dtype": self.dtype})(x, part))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _w8a8_quant_matmul(self, x, q: _W8A8):
         if x.shape[0] == 0:
@@ -383,12 +440,14 @@ class TorchBackend(AttentionKernels):
     def _w4a8_composed(self, x, q: _W4A8):
         """ops.quant W4A8 arithmetic: int32 accumulator per K group, groups summed in float32 in ascending
         order, then the per-token scale."""
-        N, K = q.w.shape
+        N, K = q.packed.shape[0], 2 * q.packed.shape[1]
         gs = q.group_size
         xq, xs = _act_quant(x)
         part = torch.zeros((x.shape[0], N), dtype=F32, device=self.device)
         for g in range(K // gs):
-            acc = _int_gemm(xq[:, g * gs:(g + 1) * gs], q.w[:, g * gs:(g + 1) * gs].t())
+            # the weight stays packed on the device; one group is unpacked at a time
+            wg = _unpack_int4(q.packed[:, g * gs // 2:(g + 1) * gs // 2])
+            acc = _int_gemm(xq[:, g * gs:(g + 1) * gs], wg.t())
             part += acc.to(F32) * q.scale[:, g]
         return part * xs
 
@@ -396,7 +455,8 @@ class TorchBackend(AttentionKernels):
         T, G, K = x.shape
         wd = self._dense(w)
         N = wd.shape[0] // G
-        return self._pick("grouped_linear", {"k": K, "n": N})(x, wd.reshape(G, N, K).transpose(1, 2))
+        y = self._pick("grouped_linear", {"k": K, "n": N})(x.to(wd.dtype), wd.reshape(G, N, K).transpose(1, 2))
+        return y.to(self.act)
 
     def _grouped_linear_npu(self, x, wt):
         if x.shape[0] == 0:
@@ -415,7 +475,9 @@ class TorchBackend(AttentionKernels):
         return torch.cos(ang), torch.sin(ang)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        return self._pick("rope", {"rope_dim": 2 * cos.shape[-1], "dtype": self.dtype})(x, cos, sin, inverse)
+        # angles and rotation in float32 (official: x.float() rotated, cast back)
+        impl = self._pick("rope", {"rope_dim": 2 * cos.shape[-1], "dtype": self.dtype})
+        return impl(x.to(F32), cos, sin, inverse).to(self.act)
 
     def _rope_npu(self, x, cos, sin, inverse):
         if x.shape[0] == 0:
@@ -452,7 +514,9 @@ class TorchBackend(AttentionKernels):
                hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T, n, D = x.shape
         call = {"hc_mult": n, "hidden": D, "dtype": self.dtype}
-        return self._pick("hc_pre", call)(x, fn, scale, base, iters, hc_eps, norm_eps)
+        # mixes, Sinkhorn and the weighted stream sum in float32; y is cast back, post / comb stay float32
+        y, post, comb = self._pick("hc_pre", call)(x.to(F32), fn, scale, base, iters, hc_eps, norm_eps)
+        return y.to(self.act), post.to(F32), comb.to(F32)
 
     def _hc_empty(self, x):
         T, n, D = x.shape
@@ -493,7 +557,8 @@ class TorchBackend(AttentionKernels):
         return torch.einsum("tn,tnd->td", pre, x), post, comb
 
     def hc_post(self, y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        return self._pick("hc_post", {"hc_mult": x.shape[1], "dtype": self.dtype})(y, x, post, comb)
+        impl = self._pick("hc_post", {"hc_mult": x.shape[1], "dtype": self.dtype})
+        return impl(y.to(F32), x.to(F32), post, comb).to(self.act)
 
     def _hc_post_custom(self, y, x, post, comb):
         if x.shape[0] == 0:
@@ -509,9 +574,10 @@ class TorchBackend(AttentionKernels):
     def hc_head(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float,
                 norm_eps: float) -> torch.Tensor:
         self._note("hc_head", UNTABLED["hc_head"])
+        x = x.to(F32)
         m = self._hc_mixes(x, fn, norm_eps)
         pre = _sigmoid(m * scale[0] + base) + hc_eps
-        return torch.einsum("tn,tnd->td", pre, x)
+        return torch.einsum("tn,tnd->td", pre, x).to(self.act)
 
     # ---- compressed sparse attention ------------------------------------------------------------------
     @staticmethod
@@ -520,7 +586,7 @@ class TorchBackend(AttentionKernels):
         return e / torch.sum(e, dim=dim, keepdim=True)
 
     def compress(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        return self._pick("compress", {})(kv, score)
+        return self._pick("compress", {})(kv.to(F32), score.to(F32)).to(self.act)  # pooling in float32
 
     def _compress_composed(self, kv, score):
         if kv.shape[0] == 0:
@@ -529,7 +595,8 @@ class TorchBackend(AttentionKernels):
 
     def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
                      ratio: int, topk: int, scale: float) -> torch.Tensor:
-        return self._pick("indexer_topk", {"topk": topk})(q, weights, keys, q_pos, ratio, topk, scale)
+        impl = self._pick("indexer_topk", {"topk": topk})
+        return impl(q.to(F32), weights.to(F32), keys.to(F32), q_pos, ratio, topk, scale)  # scores in float32
 
     def _indexer_topk_composed(self, q, weights, keys, q_pos, ratio, topk, scale):
         T, J = q.shape[0], keys.shape[0]
@@ -555,8 +622,11 @@ class TorchBackend(AttentionKernels):
                          window: int, comp: torch.Tensor | None, ratio: int, comp_sel: torch.Tensor | None,
                          sinks: torch.Tensor, scale: float) -> torch.Tensor:
         call = {"heads": q.shape[1], "topk": 0 if comp_sel is None else comp_sel.shape[1]}
-        return self._pick("sparse_attention", call)(q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks,
-                                                     scale)
+        # scores, softmax with sinks and the accumulator in float32; the output is cast back
+        out = self._pick("sparse_attention", call)(q.to(F32), q_pos, kv.to(F32), kv_pos, window,
+                                                    None if comp is None else comp.to(F32), ratio, comp_sel,
+                                                    sinks.to(F32), scale)
+        return out.to(self.act)
 
     def _sparse_attention_composed(self, q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks, scale):
         T, H, D = q.shape
@@ -606,7 +676,8 @@ class TorchBackend(AttentionKernels):
         if x.shape[0] == 0:
             return (torch.zeros((0, topk), dtype=F32, device=self.device),
                     torch.zeros((0, topk), dtype=torch.int64, device=self.device))
-        logits = torch.nn.functional.linear(x, self._dense(weight))  # the router runs in float32, like vllm-ascend
+        # router scores in float32 (official: x.float() @ gate.weight.float()), like vllm-ascend
+        logits = torch.nn.functional.linear(x.to(F32), self._dense(weight).to(F32))
         return impl(logits, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob)
 
     def _gate_kernel_out(self, y, idx, norm, score_func, route_scale, norm_topk_prob):
@@ -653,7 +724,8 @@ class TorchBackend(AttentionKernels):
 
     def swiglu_mlp(self, x: torch.Tensor, w1: Any, w3: Any, w2: Any, limit: float) -> torch.Tensor:
         g, u = self.linear(x, w1), self.linear(x, w3)
-        return self.linear(self._pick("swiglu", {"dtype": self.dtype})(torch.cat([g, u], dim=-1), limit), w2)
+        h = self._pick("swiglu", {"dtype": self.dtype})(torch.cat([g, u], dim=-1).to(F32), limit)
+        return self.linear(h, w2)
 
     def _clamp_halves(self, gu: torch.Tensor, limit: float) -> torch.Tensor:
         if limit > 0:
@@ -685,8 +757,8 @@ class TorchBackend(AttentionKernels):
         call = {"hidden": x.shape[1], "topk": ids.shape[1]}
         impl = self._pick("moe_experts", call)
         if x.shape[0] == 0 or ids.shape[1] == 0:
-            return torch.zeros((x.shape[0], x.shape[1]), dtype=F32, device=self.device)
-        return impl(x, weights, ids, experts, limit)
+            return torch.zeros((x.shape[0], x.shape[1]), dtype=self.act, device=self.device)
+        return impl(x, weights.to(F32), ids, experts, limit).to(self.act)
 
     def _stacked(self, experts: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float experts as one [E, D, 2I] (gate|up) and one [E, I, D] weight, transposed views of stacked

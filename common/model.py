@@ -74,7 +74,10 @@ class Model:
         n = cfg.n_total_layers if self.mtp_enabled else cfg.n_layers
         self.experts = [self._experts(i) for i in range(n)]
         self._enter_scope = getattr(backend, "enter_scope", None)
-        self.caches = PagedCacheManager(cfg, backend, self.mtp_enabled, block_size, num_blocks)
+        # window keys and compressed entries in the backend's activation dtype (bf16 on a device, as the
+        # official kv cache); compressor state float32 (compressor README: kv_state / score_state FLOAT32)
+        self.caches = PagedCacheManager(cfg, backend, self.mtp_enabled, block_size, num_blocks,
+                                        kv_dtype=getattr(backend, "act_dtype", "float32"))
         self._rope_tab: tuple[int, Any, Any] = (0, None, None)
 
     # ---- weights ---------------------------------------------------------------------------
@@ -292,7 +295,7 @@ class Model:
             Hi, ci = cfg.index_n_heads, cfg.index_head_dim
             iq = B.rope(B.linear(qr, w[f"{p}.indexer.wq_b.weight"]).reshape(N, Hi, ci), cos, sin)
             # the kernel has no scale argument: 1/sqrt(heads) and the softmax scale ride on the weights
-            iw = B.linear(x, w[f"{p}.indexer.weights_proj.weight"]) * (Hi ** -0.5) * (ci ** -0.5)
+            iw = B.linear(x, w[f"{p}.indexer.weights_proj.weight"]) * (Hi ** -0.5 * ci ** -0.5)
             self._compressor(i, x, meta, f"{p}.indexer.compressor", kind, "idx")
             sel, _ = B.lightning_indexer(iq, mgr.cache(i, f"idx{r}"), iw, None, None, 0, 0,
                                          meta.cu_seqlens[1:], meta.seqused_kv, meta.tables[f"idx{r}"],

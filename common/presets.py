@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import Weights
+from .checkpoint import Weights, as_float
 from .config import ModelConfig
-from .names import expected_tensors
+from .names import device_dtype, expected_tensors, parse_expert
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True) -> Weights:
+def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True, float_dtype: str = "float32",
+                   experts: range | None = None) -> Weights:
+    """`float_dtype` bfloat16 / float16: each tensor is drawn in float32 (the same values for every dtype, so
+    runs compare against the float32 reference) and rounded to its device dtype at once, so no float32 copy
+    of the whole model is ever held. `experts`: keep only that slice of the routed experts (the others are
+    still drawn, so every rank's weights equal the single-process model's)."""
     rng = np.random.default_rng(seed)
     w = Weights()
     w.mtp_enabled = with_mtp and cfg.n_mtp_layers > 0
@@ -36,4 +41,8 @@ def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True) -> We
         else:
             std = np.float32(1.0 / np.sqrt(shape[-1]))
             w[name] = rng.standard_normal(shape, dtype=np.float32) * std
+        if experts is not None and (pe := parse_expert(name)) is not None and pe[1] not in experts:
+            del w[name]
+        elif kind != "i":
+            w[name] = as_float(w[name], device_dtype(name, float_dtype))
     return w

@@ -46,6 +46,13 @@ class AttentionKernels:
         return self.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
     @staticmethod
+    def _cast(x: Any, like: Any) -> Any:
+        """x in the dtype of `like` (a cache): caches keep their own dtype (bf16 keys, float32 state)."""
+        if x.dtype == like.dtype:
+            return x
+        return x.astype(like.dtype) if hasattr(x, "astype") else x.to(like.dtype)
+
+    @staticmethod
     def _slots(table: np.ndarray, b: int, rows: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
         return table[b, rows // bs], rows % bs
 
@@ -70,7 +77,7 @@ class AttentionKernels:
         rows = np.nonzero(ok)[0]
         src = x if n == int(x.shape[0]) else x[self._idx(rows)]
         blk, off = flat_ids[ok] // bs, flat_ids[ok] % bs
-        cache[self._idx(blk), self._idx(off)] = src.reshape((n,) + tuple(cache.shape[2:]))
+        cache[self._idx(blk), self._idx(off)] = self._cast(src, cache).reshape((n,) + tuple(cache.shape[2:]))
 
     # ---- compressor --------------------------------------------------------------------------------------
     def compressor_metadata(self, rope_cos: Any, rope_sin: Any, cu_seqlens: Any, start_pos: Any,
@@ -151,7 +158,7 @@ class AttentionKernels:
             pos = np.arange(s, s + n)
             rows = self.cat([kv[a:a + n], sc[a:a + n] + ape[self._idx(pos % r)]], axis=1)
             blk, off = self._slots(st, b, pos, sbs)
-            state_cache[self._idx(blk), self._idx(off)] = rows
+            state_cache[self._idx(blk), self._idx(off)] = self._cast(rows, state_cache)
             g0, g1 = s // r, (s + n) // r
             G = g1 - g0
             if G == 0:

@@ -30,6 +30,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
     p.add_argument("--record-ops", metavar="FILE.npz",
                    help="record every op output of the (first) prompt, for `dsv4 compare --a dump:FILE.npz`")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="activation and weight dtype of --backend torch (default bfloat16 with --device npu, "
+                        "float32 on the CPU: the golden)")
     d = p.add_argument_group("multi-rank (attention data parallel + MoE expert parallel, torch.distributed)")
     d.add_argument("--nproc", type=int, default=1,
                    help="ranks to launch on this node (must divide n_routed_experts); under torchrun the "

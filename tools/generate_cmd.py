@@ -105,6 +105,18 @@ def emit_result(args, out: dict, res, tokenizer) -> None:
             f"finish: {out['finish_reason']}")
 
 
+def resolve_dtype(args) -> str:
+    """--dtype, defaulted: bfloat16 for the torch backend on an NPU, float32 (the golden) otherwise. Only the
+    torch backend runs a device dtype; the NumPy reference and MindSpore compute in float32."""
+    dtype = getattr(args, "dtype", None)
+    if dtype is None:
+        return "bfloat16" if args.backend == "torch" and args.device == "npu" else "float32"
+    if dtype != "float32" and args.backend != "torch":
+        raise CliError(f"--dtype {dtype} needs --backend torch (the {args.backend} backend computes in float32)",
+                       EXIT_USAGE)
+    return dtype
+
+
 def run_generate(args) -> int:
     from ascend.distributed import wants_distributed
 
@@ -113,16 +125,17 @@ def run_generate(args) -> int:
 
         return run_generate_distributed(args)
     params = sampling_params(args)
+    dtype = resolve_dtype(args)
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        opts = ({"device": args.device, "soc": args.soc} if args.backend == "torch"
+        opts = ({"device": args.device, "soc": args.soc, "dtype": dtype} if args.backend == "torch"
                 else {"device": "ascend" if args.device == "npu" else "cpu"} if args.backend == "mindspore" else {})
         backend = get_backend(args.backend, **opts)
     except BackendUnavailable as e:
         raise CliError(str(e)) from None
 
     t0 = time.perf_counter()
-    lm = load_model(args.model, log)
+    lm = load_model(args.model, log, float_dtype=dtype)  # weights handed over in the device form
     cfg = lm.cfg
     prompts = make_prompts(args, cfg, lm.tokenizer)
     recorder = None
@@ -132,7 +145,7 @@ def run_generate(args) -> int:
         recorder = RecordingBackend(backend, args.backend)
     model = Model(cfg, lm.weights, recorder or backend)
     load_s = time.perf_counter() - t0
-    log(f"loaded {lm.source} in {load_s:.2f}s: {cfg.n_layers} layers, backend {backend.name}")
+    log(f"loaded {lm.source} in {load_s:.2f}s: {cfg.n_layers} layers, backend {backend.name}, {dtype}")
 
     bar = tqdm(total=max(args.max_new_tokens - 1, 0), desc="decode", unit="tok", file=sys.stderr,
                disable=args.max_new_tokens <= 1 or not sys.stderr.isatty(), leave=False)
