@@ -113,20 +113,63 @@ TABLE: dict[str, tuple[Variant, ...]] = {
         Variant(CUSTOM, "npu_hc_post", socs=(A2, A3), note="called with b = 1, s = T"),
         Variant(COMPOSED, ""),
     ),
-    "compress": (
-        Variant(CUSTOM, "compressor", socs=(A3, A5), limits={"ratio_in": (4, 128)},
-                note="vllm-ascend README: A3 and 950 only"),
+    # the primitives the kernel-granularity ops below compose (every backend's composed path)
+    "compress": (Variant(COMPOSED, ""),),
+    "indexer_topk": (Variant(COMPOSED, ""),),
+    "sparse_attention": (Variant(COMPOSED, ""),),
+    # ---- the V4 attention-side kernels (ops/attention_kernels.py; sources: vllm-ascend@182b75e
+    # csrc/attention/<op>/README.md and csrc/torch_binding.cpp host checks) ----
+    "compressor": (
+        # README: A3 and 950 only; D 128/512 with (D, coff, ratio) in C4A / C4Li / C128A; H 1K-10K 512-aligned;
+        # rope_head_dim 64; x / weights fp16 or bf16; block_size <= 1024, 16-aligned
+        Variant(CUSTOM, "compressor", socs=(A3, A5),
+                limits={"ratio_in": (4, 128), "head_dim_in": (128, 512), "hidden_min": 1024, "hidden_max": 10240,
+                        "hidden_multiple_of": 512, "rope_dim_in": (64,), "dtype_in": ("bfloat16", "float16")},
+                note="fused projections + paged float32 state + pooling + RMSNorm + RoPE",
+                source="csrc/attention/compressor/README.md"),
+        Variant(COMPOSED, "", note="A2 has no compressor kernel (README): projections, pooling, norm, rope apart"),
+    ),
+    "compressor_metadata": (
+        Variant(CUSTOM, "compressor_metadata", socs=(A3, A5), note="slot mapping + entry RoPE rows for compressor",
+                source="csrc/torch_binding.cpp:887-980"),
         Variant(COMPOSED, ""),
     ),
-    "indexer_topk": (
-        Variant(CUSTOM, "npu_vllm_quant_lightning_indexer", socs=(A2, A3, A5), limits={"topk_max": 2048}),
-        Variant(TORCH_NPU, "npu_lightning_indexer", limits={"topk_max": 2048}),
+    "lightning_indexer": (
+        # README vllm_quant_lightning_indexer: A2/A3 int8 query / key with fp16 weights and scales; N 64 / 1,
+        # D 128; sparse_count [1, 2048]; cmp_ratio 1..128 (powers of 2); 950: fp8 keys, sparse_count 512 only
+        Variant(CUSTOM, "npu_vllm_quant_lightning_indexer", socs=(A2, A3),
+                limits={"key_dtype_in": ("int8",), "heads_in": (64,), "head_dim_in": (128,), "topk_max": 2048,
+                        "ratio_in": (1, 2, 4, 8, 16, 32, 64, 128)},
+                note="int8 paged keys + fp16 scales (npu_dynamic_quant + scatter), metadata op",
+                source="csrc/attention/vllm_quant_lightning_indexer/README.md"),
+        Variant(CUSTOM, "npu_vllm_quant_lightning_indexer", socs=(A5,),
+                limits={"key_dtype_in": ("fp8",), "heads_in": (64,), "head_dim_in": (128,), "topk_in": (512,),
+                        "ratio_in": (1, 4, 128)},
+                note="950: fp8 keys written by indexer_compress_epilog_v2",
+                source="csrc/attention/vllm_quant_lightning_indexer/README.md"),
+        # torch-npu 2.14.0 npu_lightning_indexer has no cmp_ratio: right-down causal over the compressed keys
+        # equals V4's visibility only for one query per sequence (decode)
+        Variant(TORCH_NPU, "npu_lightning_indexer", limits={"topk_max": 2048, "q_per_seq_max": 1},
+                note="float keys, decode only (no cmp_ratio argument)"),
         Variant(COMPOSED, ""),
     ),
-    "sparse_attention": (
-        Variant(CUSTOM, "npu_sparse_attn_sharedkv", socs=(A2, A3), limits={"heads_in": (64,), "topk_max": 512},
-                note="README: q heads 64 only, top-k 512"),
+    "sparse_attn_sharedkv": (
+        # README sparse_attn_sharedkv: A2/A3; q heads N1 64; K2 512 when cmp_sparse_indices are given; q / kv
+        # fp16 or bf16; cmp_ratio 4 or 128; ori_win_right 0; PA_ND block_size 16-aligned <= 1024
+        Variant(CUSTOM, "npu_sparse_attn_sharedkv", socs=(A2, A3),
+                limits={"heads_in": (64,), "topk_in": (0, 512), "dtype_in": ("bfloat16", "float16")},
+                note="paged window + (selected) compressed keys, sinks, metadata op",
+                source="csrc/attention/sparse_attn_sharedkv/README.md"),
+        Variant(CUSTOM, "npu_kv_quant_sparse_attn_sharedkv", socs=(A5,), limits={"heads_in": (64,)},
+                note="950: fp8 KV (kv_compress_epilog) with tile_size 64, rope_head_dim 64",
+                source="vllm_ascend/device/device_op.py (A5 operator)"),
         Variant(TORCH_NPU, "npu_fused_infer_attention_score_v2", note="learnable_sink; masks built by the backend"),
+        Variant(COMPOSED, ""),
+    ),
+    "kv_scatter": (
+        Variant(CUSTOM, "npu_scatter_nd_update_v2", socs=(A2, A3), note="(block, offset) slot mapping",
+                source="vllm_ascend/device/device_op.py dsa_kv_compress_scatter"),
+        Variant(CUSTOM, "kv_compress_epilog", socs=(A5,), note="950: fp8 quantize + scatter of compressed KV"),
         Variant(COMPOSED, ""),
     ),
     "moe_gate": (

@@ -61,6 +61,14 @@ LOWERINGS: dict[str, dict[str, str]] = {
     "compress": {"composed:": "_compress_composed"},
     "indexer_topk": {"composed:": "_indexer_topk_composed"},
     "sparse_attention": {"composed:": "_sparse_attention_composed"},
+    "compressor": {"custom:compressor": "_compressor_custom", "composed:": "_compressor_composed"},
+    "compressor_metadata": {"custom:compressor_metadata": "_compressor_metadata_custom",
+                            "composed:": "_compressor_metadata_composed"},
+    "lightning_indexer": {"custom:npu_vllm_quant_lightning_indexer": "_lightning_indexer_custom",
+                          "composed:": "_lightning_indexer_composed"},
+    "sparse_attn_sharedkv": {"custom:npu_sparse_attn_sharedkv": "_sparse_attn_custom",
+                             "composed:": "_sparse_attn_composed"},
+    "kv_scatter": {"custom:npu_scatter_nd_update_v2": "_kv_scatter_custom", "composed:": "_kv_scatter_composed"},
     "moe_gate": {"custom:moe_gating_top_k_hash": "_moe_gate_custom", "torch_npu:npu_moe_gating_top_k": "_moe_gate_npu",
                  "composed:": "_moe_gate_composed"},
     "moe_experts": {"torch_npu:npu_moe_init_routing_v2+npu_grouped_matmul+npu_moe_finalize_routing": "_moe_experts_npu",
@@ -73,11 +81,11 @@ REASONS = {
     "custom:inplace_partial_rotary_mul": "not lowered: npu_interleave_rope covers the partial interleaved rope",
     "torch_npu:npu_mhc_post": "not lowered: its doc gives the formula only as an image, so whether h_res is "
                               "applied transposed (V4 uses comb^T) cannot be pinned",
-    "custom:compressor": "not lowered: the kernel fuses projections, state cache, norm and rope; the contract's "
-                         "compress is only the pooling",
-    "custom:npu_vllm_quant_lightning_indexer": "not lowered: int8-quantized paged keys plus a metadata op",
-    "torch_npu:npu_lightning_indexer": "not lowered: no compressed-entry visibility (cmp_ratio) in its API",
-    "custom:npu_sparse_attn_sharedkv": "not lowered: paged caches, cu_seqlens and a metadata op",
+    "torch_npu:npu_lightning_indexer": "not lowered: no cmp_ratio argument (decode only); the int8 _C_ascend "
+                                       "kernel covers prefill and decode",
+    "custom:npu_kv_quant_sparse_attn_sharedkv": "not lowered: its fp8 KV cache layout (kv_compress_epilog, "
+                                                "tile_size 64) is not modelled yet; an own kernel's job",
+    "custom:kv_compress_epilog": "not lowered: fp8 compressed-KV layout not modelled yet",
     "torch_npu:npu_fused_infer_attention_score_v2": "not lowered yet: mask / sink layout of FIA v2 not pinned",
     "torch_npu:npu_top_k_top_p": "not lowered: sampling stays on the host numpy Generator for reproducibility",
 }
@@ -95,12 +103,24 @@ CONTRACT_OPS: dict[str, tuple[str, ...]] = {
     "grouped_linear": ("grouped_linear",), "rope_freqs": ("rope_freqs",), "rope": ("rope",),
     "hc_pre": ("hc_pre",), "hc_post": ("hc_post",), "hc_head": ("hc_head",), "compress": ("compress",),
     "indexer_topk": ("indexer_topk",), "sparse_attention": ("sparse_attention",), "moe_gate": ("moe_gate",),
+    "compressor": ("compressor",), "compressor_metadata": ("compressor_metadata",),
+    "lightning_indexer": ("lightning_indexer",), "sparse_attn_sharedkv": ("sparse_attn_sharedkv",),
+    "scatter_update": ("kv_scatter",),
     "moe_experts": ("moe_experts", "swiglu"), "swiglu_mlp": ("swiglu",), "sample": ("sample",),
 }
 
 
 def _key(v: S.Variant) -> str:
     return f"{v.provider}:{v.kernel}"
+
+
+def index_call(cfg: Any, dtype: str, key_dtype: str | None = None) -> dict[str, Any]:
+    """The indexer kernel's call quantities for a model (key_dtype: how the index cache holds keys; None = the
+    device form for `dtype`: int8 where the activations are fp16 / bf16, as vllm-ascend quantizes them)."""
+    if key_dtype is None:
+        key_dtype = "int8" if dtype in ("bfloat16", "float16") else dtype
+    return {"key_dtype": key_dtype, "heads": cfg.index_n_heads, "head_dim": cfg.index_head_dim,
+            "topk": cfg.index_topk, "ratio": 4}
 
 
 def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
@@ -112,9 +132,15 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "grouped_linear": {"k": cfg.n_heads * cfg.head_dim // cfg.o_groups, "n": cfg.o_lora_rank},
         "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "dtype": dtype},
         "hc_post": {"hc_mult": cfg.hc_mult, "dtype": dtype},
-        "compress": {"ratio": max([r for r in cfg.compress_ratios if r] or [0])},
-        "indexer_topk": {"topk": cfg.index_topk},
-        "sparse_attention": {"heads": cfg.n_heads, "topk": cfg.index_topk},
+        "compress": {},
+        "indexer_topk": {},
+        "sparse_attention": {},
+        "compressor": {"ratio": max([r for r in cfg.compress_ratios if r] or [0]), "head_dim": cfg.head_dim,
+                       "hidden": cfg.dim, "rope_dim": cfg.rope_dim, "dtype": dtype},
+        "compressor_metadata": {},
+        "lightning_indexer": index_call(cfg, dtype),
+        "sparse_attn_sharedkv": {"heads": cfg.n_heads, "topk": cfg.index_topk, "dtype": dtype},
+        "kv_scatter": {},
         "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func,
                      "hash": bool(getattr(cfg, "n_hash_layers", 0))},
         "moe_experts": {"hidden": cfg.dim, "topk": cfg.n_activated_experts},
@@ -665,6 +691,143 @@ class TorchBackend(AttentionKernels):
             o = torch.matmul(p.reshape(-1, keys.shape[0]), keys).reshape(b - a, H, D)
             out[a:b] = o / denom[..., None]
         return out
+
+    # ---- the V4 attention-side kernels (ops/attention_kernels.py argument lists) -------------------------
+    def _variant(self, op: str, call: Mapping[str, Any]) -> S.Variant:
+        key = (op, tuple(sorted(call.items())))
+        v = self._chosen.get(key)
+        if v is None:
+            v = S.select(op, self.soc, self.providers, call, lambda var: self.kernel_problem(op, var))
+            self._chosen[key] = v
+        return v
+
+    def _vendor(self, op: str, call: Mapping[str, Any]) -> bool:
+        return self._variant(op, call).provider != S.COMPOSED
+
+    def index_key_dtype(self, cfg: Any) -> str:
+        """How the index cache should hold keys for this backend: "int8" when the int8 indexer kernel is the
+        variant for `cfg` (keys then go through npu_dynamic_quant + scatter), else the activation dtype."""
+        return "int8" if self._vendor("lightning_indexer", index_call(cfg, self.dtype, "int8")) else self.dtype
+
+    def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row int8 over the last axis: (int8 like x, float32 scale x.shape[:-1]) (npu_dynamic_quant)."""
+        if self.dtype in ("bfloat16", "float16") and x.numel():
+            shape = x.shape
+            q, sc = self.npu.npu_dynamic_quant(self._k(x).reshape(-1, shape[-1]))
+            return q.reshape(shape), sc.to(F32).reshape(shape[:-1])
+        q, sc = _act_quant(x.to(F32))
+        return q, sc[..., 0]
+
+    def scatter_update(self, cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
+        return self._pick("kv_scatter", {})(cache, slot_mapping, x)
+
+    def _kv_scatter_composed(self, cache, slot_mapping, x):
+        return AttentionKernels.scatter_update(self, cache, slot_mapping, x)
+
+    def _kv_scatter_custom(self, cache, slot_mapping, x):
+        # A2/A3 (device_op.dsa_kv_compress_scatter): (block, offset) indices into [blocks, bs, ...]
+        sm = slot_mapping.to(torch.int64)
+        if sm.dim() == 1:
+            bs = cache.shape[1]
+            sm = torch.stack([torch.where(sm >= 0, sm // bs, -1), sm % bs], dim=1)
+        self.custom.npu_scatter_nd_update_v2(cache, sm.to(torch.int32), x.to(cache.dtype).contiguous())
+
+    def compressor_metadata(self, rope_cos, rope_sin, cu_seqlens, start_pos, kv_block_table, kv_block_size,
+                            slot_mapping_format, compress_ratio, num_compressed_tokens, num_reqs_actual):
+        return self._pick("compressor_metadata", {})(rope_cos, rope_sin, cu_seqlens, start_pos, kv_block_table,
+                                                     kv_block_size, slot_mapping_format, compress_ratio,
+                                                     num_compressed_tokens, num_reqs_actual)
+
+    def _compressor_metadata_composed(self, *args):
+        return AttentionKernels.compressor_metadata(self, *args)
+
+    def _compressor_metadata_custom(self, rope_cos, rope_sin, cu_seqlens, start_pos, kv_block_table, *rest):
+        i32 = torch.int32
+        return self.custom.compressor_metadata(self._k(rope_cos), self._k(rope_sin), cu_seqlens.to(i32),
+                                               start_pos.to(i32), kv_block_table.to(i32), *rest)
+
+    def compressor(self, x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rope_cos, state_block_table,
+                   cu_seqlens, seqused, start_pos, rope_head_dim, cmp_ratio, coff, norm_eps, rotary_mode, cache_mode):
+        call = {"ratio": cmp_ratio, "head_dim": norm_weight.shape[0], "hidden": x.shape[-1],
+                "rope_dim": rope_head_dim, "dtype": self.dtype}
+        return self._pick("compressor", call)(x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rope_cos,
+                                              state_block_table, cu_seqlens, seqused, start_pos, rope_head_dim,
+                                              cmp_ratio, coff, norm_eps, rotary_mode, cache_mode)
+
+    def _compressor_composed(self, *args):
+        return AttentionKernels.compressor(self, *args)
+
+    def _compressor_custom(self, x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rope_cos,
+                           state_block_table, cu_seqlens, seqused, start_pos, *attrs):
+        i32 = torch.int32
+        R = rope_sin.shape[-1]
+        out = self.custom.compressor(
+            self._k(x), self._dense(wkv).to(self.kdtype), self._dense(wgate).to(self.kdtype), state_cache,
+            ape.to(F32), norm_weight.to(self.kdtype), self._k(rope_sin.reshape(-1, R)),
+            self._k(rope_cos.reshape(-1, R)), state_block_table.to(i32), cu_seqlens.to(i32),
+            None if seqused is None else seqused.to(i32), start_pos.to(i32), *attrs)
+        return out.to(self.act)
+
+    def quant_lightning_indexer_metadata(self, num_heads_q, num_heads_k, head_dim, query_quant_mode,
+                                         key_quant_mode, **kw):
+        call = {"key_dtype": getattr(self, "_index_keys", self.dtype), "heads": num_heads_q, "head_dim": head_dim,
+                "topk": kw.get("sparse_count", 2048), "ratio": kw.get("cmp_ratio", 1)}
+        if self._vendor("lightning_indexer", call):
+            kw = {k: (v.to(torch.int32) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            return self.custom.npu_vllm_quant_lightning_indexer_metadata(
+                num_heads_q, num_heads_k, head_dim, query_quant_mode, key_quant_mode, device="cpu", **kw)
+        return AttentionKernels.quant_lightning_indexer_metadata(self, num_heads_q, num_heads_k, head_dim,
+                                                                 query_quant_mode, key_quant_mode, **kw)
+
+    def lightning_indexer(self, query, key, weights, query_dequant_scale=None, key_dequant_scale=None,
+                          query_quant_mode=0, key_quant_mode=0, actual_seq_lengths_query=None,
+                          actual_seq_lengths_key=None, block_table=None, metadata=None, layout_query="BSND",
+                          layout_key="BSND", sparse_count=2048, sparse_mode=3, pre_tokens=2**63 - 1,
+                          next_tokens=2**63 - 1, cmp_ratio=1, return_value=False):
+        kd = "int8" if key.dtype == torch.int8 else self.dtype
+        call = {"key_dtype": kd, "heads": query.shape[-2], "head_dim": query.shape[-1], "topk": sparse_count,
+                "ratio": cmp_ratio}
+        return self._pick("lightning_indexer", call)(
+            query, key, weights, query_dequant_scale, key_dequant_scale, query_quant_mode, key_quant_mode,
+            actual_seq_lengths_query, actual_seq_lengths_key, block_table, metadata, layout_query, layout_key,
+            sparse_count, sparse_mode, pre_tokens, next_tokens, cmp_ratio, return_value)
+
+    def _lightning_indexer_composed(self, query, key, weights, qs, ks, *rest):
+        # scores in float32 (the int8 values are exact in it)
+        qs, ks = (None if t is None else t.to(F32) for t in (qs, ks))
+        return AttentionKernels.lightning_indexer(self, query.to(F32), key.to(F32) if ks is None else key,
+                                                  weights.to(F32), qs, ks, *rest)
+
+    def _lightning_indexer_custom(self, query, key, weights, qs, ks, qm, km, asq, ask, bt, meta, *rest):
+        i32, f16 = torch.int32, torch.float16
+        # A2/A3 (device_op.indexer_quantize_query / prepare_dsa_indexer_*): fp16 weights and scales
+        return self.custom.npu_vllm_quant_lightning_indexer(
+            query, key, weights.to(f16).contiguous(), qs.to(f16).contiguous(), ks.to(f16).contiguous(), qm, km,
+            asq.to(i32), ask.to(i32), bt.to(i32), meta, *rest)
+
+    def sparse_attn_sharedkv_metadata(self, num_heads_q, num_heads_kv, head_dim, **kw):
+        call = {"heads": num_heads_q, "topk": kw.get("cmp_topk", 0), "dtype": self.dtype}
+        if self._vendor("sparse_attn_sharedkv", call):
+            kw = {k: (v.to(torch.int32) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            return self.custom.npu_sparse_attn_sharedkv_metadata(num_heads_q, num_heads_kv, head_dim, device="cpu",
+                                                                 **kw)
+        return AttentionKernels.sparse_attn_sharedkv_metadata(self, num_heads_q, num_heads_kv, head_dim, **kw)
+
+    def sparse_attn_sharedkv(self, q, **kw):
+        sel = kw.get("cmp_sparse_indices")
+        call = {"heads": q.shape[-2], "topk": 0 if sel is None else sel.shape[-1], "dtype": self.dtype}
+        return self._pick("sparse_attn_sharedkv", call)(q, **kw)
+
+    def _sparse_attn_composed(self, q, **kw):
+        return AttentionKernels.sparse_attn_sharedkv(self, q, **kw)
+
+    def _sparse_attn_custom(self, q, **kw):
+        i32 = torch.int32
+        kw = {k: (v.to(i32) if isinstance(v, torch.Tensor) and k not in ("ori_kv", "cmp_kv", "sinks") else v)
+              for k, v in kw.items()}
+        kw["sinks"] = kw["sinks"].to(F32)
+        out, lse = self.custom.npu_sparse_attn_sharedkv(self._k(q), **kw)
+        return out.to(self.act), lse
 
     # ---- mixture of experts ---------------------------------------------------------------------------------
     def moe_gate(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,

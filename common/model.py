@@ -76,7 +76,14 @@ class Model:
         self._enter_scope = getattr(backend, "enter_scope", None)
         # window keys and compressed entries in the backend's activation dtype (bf16 on a device, as the
         # official kv cache); compressor state float32 (compressor README: kv_state / score_state FLOAT32)
+        # indexer keys: int8 + per-key scale where the backend's indexer kernel takes them (vllm-ascend A2/A3),
+        # else the activation dtype (the reference: float32, exact)
+        key_dtype = getattr(backend, "index_key_dtype", None)
+        self.index_int8 = key_dtype is not None and key_dtype(cfg) == "int8"
+        if self.index_int8:
+            backend._index_keys = "int8"
         self.caches = PagedCacheManager(cfg, backend, self.mtp_enabled, block_size, num_blocks,
+                                        index_quant=self.index_int8,
                                         kv_dtype=getattr(backend, "act_dtype", "float32"))
         self._rope_tab: tuple[int, Any, Any] = (0, None, None)
 
@@ -269,17 +276,27 @@ class Model:
         ccos, csin, slots = B.compressor_metadata(cos_t, sin_t, meta.cu_seqlens, meta.start_pos,
                                                   meta.tables[f"{width_kind}{r}"], mgr.bs, SLOT_FLAT, r, n_rows,
                                                   meta.n_seqs)
+        R = cfg.rope_dim
+        ccos, csin = ccos.reshape(n_rows, R), csin.reshape(n_rows, R)  # TND: rope rows 2-D like x (BINDING:857)
         ent = B.compressor(x, w[f"{p}.wkv.weight"], w[f"{p}.wgate.weight"], mgr.cache(i, f"{state}{r}"),
                            w[f"{p}.ape"], w[f"{p}.norm.weight"], csin, ccos, meta.tables[f"{state}{r}"],
                            meta.cu_seqlens, None, meta.start_pos, cfg.rope_dim, r,
                            2 if width_kind.startswith("idx") else coff(kind), cfg.norm_eps, 2, 1)
-        B.scatter_update(mgr.cache(i, f"{width_kind}{r}"), slots, ent)
+        if width_kind == "idx" and self.index_int8:
+            # A2/A3 (vllm-ascend device_op.indexer_quant_scatter): per-key int8 + scale, both scattered
+            kq, ks = B.dynamic_quant(ent)
+            B.scatter_update(mgr.cache(i, f"idx{r}"), slots, kq)
+            B.scatter_update(mgr.cache(i, f"idx_scale{r}"), slots, ks.reshape(n_rows, 1))
+        else:
+            B.scatter_update(mgr.cache(i, f"{width_kind}{r}"), slots, ent)
 
     def _attention(self, i, x, rope, meta: BatchMeta):
         B, cfg, w, mgr = self.B, self.cfg, self.w, self.caches
         p = f"{layer_prefix(cfg, i)}.attn"
         kind, r = cfg.attn_kinds[i], cfg.compress_ratios[i]
         N, H, c, W = x.shape[0], cfg.n_heads, cfg.head_dim, cfg.window
+        if N == 0:  # an idle rank: no attention work (the kernels refuse empty queries, BINDING:1088); x is
+            return x  # [0, dim] like the output
         cos, sin = rope["main" if kind == SWA else "compress"]
         qr = B.rms_norm(B.linear(x, w[f"{p}.wq_a.weight"]), w[f"{p}.q_norm.weight"], cfg.norm_eps)
         q = B.rms_norm(B.linear(qr, w[f"{p}.wq_b.weight"]).reshape(N, H, c), None, cfg.norm_eps)
@@ -297,7 +314,11 @@ class Model:
             # the kernel has no scale argument: 1/sqrt(heads) and the softmax scale ride on the weights
             iw = B.linear(x, w[f"{p}.indexer.weights_proj.weight"]) * (Hi ** -0.5 * ci ** -0.5)
             self._compressor(i, x, meta, f"{p}.indexer.compressor", kind, "idx")
-            sel, _ = B.lightning_indexer(iq, mgr.cache(i, f"idx{r}"), iw, None, None, 0, 0,
+            qs = ks = None
+            if self.index_int8:  # query per token-head int8 (device_op.indexer_quantize_query)
+                iq, qs = B.dynamic_quant(iq)
+                ks = mgr.cache(i, f"idx_scale{r}")
+            sel, _ = B.lightning_indexer(iq, mgr.cache(i, f"idx{r}"), iw, qs, ks, 0, 0,
                                          meta.cu_seqlens[1:], meta.seqused_kv, meta.tables[f"idx{r}"],
                                          meta.qli_meta, "TND", "PA_BSND", cfg.index_topk, 3, cmp_ratio=r)
         o, _ = B.sparse_attn_sharedkv(

@@ -68,6 +68,8 @@ class Backend(Protocol):
     # Argument lists and layouts of vllm-ascend's _C_ascend kernels (csrc/torch_binding.cpp); caches are
     # paged [blocks, block_size, 1, D] (state [blocks, block_size, 2*coff*D]) behind int32 block tables.
     # `AttentionKernels` composes them from the primitives above; backends override them with the kernels.
+    def dynamic_quant(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row int8 over the last axis (npu_dynamic_quant): (int8 like x, float32 scale x.shape[:-1])."""
     def scatter_update(self, cache: Tensor, slot_mapping: Tensor, x: Tensor) -> None:
         """npu_scatter_nd_update_v2: rows of x into cache slots ([N] flat or [N, 2] block/offset; < 0 skipped)."""
     def compressor_metadata(self, rope_cos: Tensor, rope_sin: Tensor, cu_seqlens: Tensor, start_pos: Tensor,

@@ -266,6 +266,13 @@ class NumpyBackend(AttentionKernels):
         # finalize_routing: sum each token's k expert outputs
         return ys.reshape(T, k, x.shape[1]).sum(axis=1)
 
+    def dynamic_quant(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row int8 over the last axis (npu_dynamic_quant): (int8 like x, float32 scale x.shape[:-1])."""
+        from .quant import act_quant_per_token
+
+        q, s = act_quant_per_token(x)
+        return q, s[..., 0]
+
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, rng):
         return sample_numpy(np.asarray(logits, dtype=F32), temperature, top_k, top_p, rng)

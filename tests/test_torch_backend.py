@@ -624,7 +624,8 @@ def test_cli_generate_and_doctor(capsys):
     rep = json.loads(capsys.readouterr().out)
     contract = ("embedding", "rms_norm", "linear", "grouped_linear", "rope_freqs", "rope", "hc_pre", "hc_post",
                 "hc_head", "compress", "indexer_topk", "sparse_attention", "moe_gate", "moe_experts", "swiglu_mlp",
-                "sample")
+                "sample", "compressor", "compressor_metadata", "lightning_indexer", "sparse_attn_sharedkv",
+                "scatter_update")
     assert set(rep["ops"]) == set(contract)
     assert rep["torch_npu"] is None and rep["soc"] == "A2"
     for entry in rep["ops"].values():

@@ -7,8 +7,9 @@ tests/e2e/nightly/single_node/ops/singlecard_ops/test_npu_hc_pre.py, cann-recipe
 tests/test_standin_goldens.py holds the stand-ins to those goldens and criteria. Used only when no custom-op
 package is installed.
 
-Not lowered (the backend keeps its composed path, see TorchBackend.KERNELS): `compressor`,
-`npu_sparse_attn_sharedkv`, `npu_vllm_quant_lightning_indexer` (paged caches, metadata ops, int8 keys).
+The V4 attention-side kernels (compressor(+_metadata), npu_sparse_attn_sharedkv(+_metadata),
+npu_vllm_quant_lightning_indexer(+_metadata), npu_scatter_nd_update_v2) live in ascend/standins/v4_attention.py,
+re-exported at the end of this module so the backend finds the whole `_C_ascend` surface here.
 """
 
 from __future__ import annotations
@@ -182,3 +183,16 @@ def npu_hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, com
 
 
 FUNCTIONS = tuple(sorted(LIB.schemas))
+
+
+# the V4 attention-side kernels, same library and namespace (ascend/standins/v4_attention.py)
+from .v4_attention import (  # noqa: E402, F401
+    compressor,
+    compressor_metadata,
+    npu_scatter_nd_update_v2,
+    npu_sparse_attn_sharedkv,
+    npu_sparse_attn_sharedkv_metadata,
+    npu_vllm_quant_lightning_indexer,
+    npu_vllm_quant_lightning_indexer_metadata,
+)
+
