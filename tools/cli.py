@@ -43,6 +43,10 @@ def _add_generate(sub) -> None:
                    help="MoE token exchange; auto picks per forward call from the SoC table")
     d.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
                    help="SoC whose limits `--moe-comm auto` applies (default: detected on an NPU, A2 on a CPU)")
+    d.add_argument("--providers", default=None, metavar="LIST",
+                   help="kernel providers of --backend torch, comma-separated from torch_npu,custom,composed "
+                        "(default: torch_npu,composed plus custom when a custom-op package is installed; on a CPU "
+                        "`custom` runs the vllm-ascend stand-ins)")
     d.add_argument("--dist-timeout", type=float, default=60.0,
                    help="seconds a collective may wait for the other ranks before the run fails (default 60)")
     p.set_defaults(func=cmd_generate)
@@ -113,6 +117,9 @@ def _add_doctor(sub) -> None:
     p.add_argument("--model", default="v4-flash", help="preset or model directory whose call shapes to plan for")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="activation dtype handed to the kernels")
+    p.add_argument("--providers", default=None, metavar="LIST",
+                   help="kernel providers to plan with, comma-separated from torch_npu,custom,composed (default: "
+                        "what is installed; `custom` on a CPU plans as if vllm-ascend's _C_ascend were present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_doctor)
 

@@ -108,6 +108,9 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def run_doctor(args) -> int:
-    r = doctor_report(soc=args.soc, model=args.model, dtype=args.dtype)
+    from tools.generate_cmd import parse_providers
+
+    r = doctor_report(soc=args.soc, model=args.model, dtype=args.dtype,
+                      providers=parse_providers(getattr(args, "providers", None)))
     print(json.dumps(r, indent=2) if args.json else _text(r))
     return 0

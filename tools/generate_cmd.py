@@ -117,6 +117,20 @@ def resolve_dtype(args) -> str:
     return dtype
 
 
+def parse_providers(text: str | None) -> list[str] | None:
+    """--providers a,b,c -> a checked list (None: the backend's default)."""
+    if text is None:
+        return None
+    from ascend.soc import COMPOSED, CUSTOM, TORCH_NPU
+
+    known = (TORCH_NPU, CUSTOM, COMPOSED)
+    got = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in got if p not in known]
+    if bad or not got:
+        raise CliError(f"--providers {text!r}: choose from {', '.join(known)}", EXIT_USAGE)
+    return got
+
+
 def run_generate(args) -> int:
     from ascend.distributed import wants_distributed
 
@@ -128,7 +142,8 @@ def run_generate(args) -> int:
     dtype = resolve_dtype(args)
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        opts = ({"device": args.device, "soc": args.soc, "dtype": dtype} if args.backend == "torch"
+        opts = ({"device": args.device, "soc": args.soc, "dtype": dtype,
+                 "providers": parse_providers(getattr(args, "providers", None))} if args.backend == "torch"
                 else {"device": "ascend" if args.device == "npu" else "cpu"} if args.backend == "mindspore" else {})
         backend = get_backend(args.backend, **opts)
     except BackendUnavailable as e:

@@ -23,6 +23,7 @@ README = "vllm-ascend@182b75e csrc/attention/{}/README.md"
 SLOT_FLAT, SLOT_BLOCK_OFFSET = 1, 2  # vllm_ascend/device/device_op.py:34-35
 METADATA_SIZE = 1024  # BINDING:1162 OUTPUT_SIZE
 _MAGIC = 0x5634
+_ROWS = 64  # query rows per block in the attention body
 
 
 def _b(line: int) -> str:
@@ -331,31 +332,31 @@ def npu_sparse_attn_sharedkv(
     out = torch.empty((T, H, D), dtype=F32)
     W = ori_win_left + 1
     for b in range(len(lens)):
-        a, e, L = cu[b], cu[b + 1], lens[b]
-        n = e - a
-        if n <= 0:
-            continue
-        qpos = torch.arange(L - n, L)
-        kpos = torch.arange(max(0, L - n - W + 1), L)
-        keys = _rows(ori_kv, ori_block_table, b, kpos).to(F32)
-        mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - W)
-        if cmp_kv is not None and L // cmp_ratio:
-            J = L // cmp_ratio
-            cj = torch.arange(J)
-            cmask = (cj[None] + 1) * cmp_ratio <= qpos[:, None] + 1
-            if cmp_sparse_indices is not None:
-                sel = cmp_sparse_indices[a:e, 0].to(torch.int64)
-                picked = torch.zeros((n, J + 1), dtype=torch.bool)
-                picked.scatter_(1, torch.where((sel >= 0) & (sel < J), sel, J), True)
-                cmask &= picked[:, :J]
-            keys = torch.cat([keys, _rows(cmp_kv, cmp_block_table, b, cj).to(F32)])
-            mask = torch.cat([mask, cmask], dim=1)
-        s = torch.einsum("thd,kd->thk", q[a:e].to(F32), keys) * softmax_scale
-        s = torch.where(mask[:, None], s, float("-inf"))
-        m = torch.maximum(s.amax(-1), sinks[None])
-        p = torch.exp(s - m[..., None])
-        denom = p.sum(-1) + torch.exp(sinks[None] - m)
-        out[a:e] = torch.einsum("thk,kd->thd", p, keys) / denom[..., None]
+        L, n = lens[b], cu[b + 1] - cu[b]
+        J = L // cmp_ratio if cmp_kv is not None else 0
+        comp = _rows(cmp_kv, cmp_block_table, b, torch.arange(J)).to(F32) if J else None
+        for a in range(cu[b], cu[b + 1], _ROWS):  # query blocks bound the [rows, heads, keys] scores
+            e = min(cu[b + 1], a + _ROWS)
+            qpos = torch.arange(L - n + (a - cu[b]), L - n + (e - cu[b]))
+            kpos = torch.arange(max(0, int(qpos[0]) - W + 1), int(qpos[-1]) + 1)
+            keys = _rows(ori_kv, ori_block_table, b, kpos).to(F32)
+            mask = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - W)
+            if comp is not None:
+                cj = torch.arange(J)
+                cmask = (cj[None] + 1) * cmp_ratio <= qpos[:, None] + 1
+                if cmp_sparse_indices is not None:
+                    sel = cmp_sparse_indices[a:e, 0].to(torch.int64)
+                    picked = torch.zeros((e - a, J + 1), dtype=torch.bool)
+                    picked.scatter_(1, torch.where((sel >= 0) & (sel < J), sel, J), True)
+                    cmask &= picked[:, :J]
+                keys = torch.cat([keys, comp])
+                mask = torch.cat([mask, cmask], dim=1)
+            s = torch.einsum("thd,kd->thk", q[a:e].to(F32), keys) * softmax_scale
+            s = torch.where(mask[:, None], s, float("-inf"))
+            m = torch.maximum(s.amax(-1), sinks[None])
+            p = torch.exp(s - m[..., None])
+            denom = p.sum(-1) + torch.exp(sinks[None] - m)
+            out[a:e] = torch.einsum("thk,kd->thd", p, keys) / denom[..., None]
     return out.to(q.dtype), torch.empty(0, dtype=F32)
 
 
