@@ -1017,6 +1017,17 @@ class TorchBackend(AttentionKernels):
         return sample_numpy(self.to_numpy(logits).astype(np.float32), temperature, top_k, top_p, rng)
 
 
+SIMULATED_PROVIDERS = (S.TORCH_NPU, S.CUSTOM, S.COMPOSED)
+
+
+def simulated_providers(device: str, soc: str | None, providers: Iterable[str] | None) -> list[str] | None:
+    """The providers of a CPU run that names a SoC: as deployed there, torch_npu and vllm-ascend's _C_ascend
+    custom ops (their stand-ins here); explicit providers, an NPU or no SoC keep the backend's default."""
+    if providers is None and device == "cpu" and soc is not None:
+        return list(SIMULATED_PROVIDERS)
+    return None if providers is None else list(providers)
+
+
 def torch_backend(device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
                   dtype: str = "float32") -> TorchBackend:
     """Factory used by `ops.get_backend("torch")`."""

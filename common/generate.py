@@ -68,9 +68,27 @@ def advance(outputs: list[list[int]], reasons: list[str], active: list[int], nxt
     return still
 
 
+def prefill(model: Model, caches: list, prompts: list[list[int]], all_logits: bool, chunk: int | None) -> list:
+    """Run the prompts into their caches, `chunk` tokens per sequence per forward call (None: one call);
+    -> per prompt its logits (all rows with `all_logits`, else the last row)."""
+    if not chunk:
+        return model.forward(caches, prompts, all_logits=all_logits).logits
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    parts: list[list] = [[] for _ in prompts]
+    for a in range(0, max(len(p) for p in prompts), chunk):
+        live = [i for i, p in enumerate(prompts) if len(p) > a]
+        out = model.forward([caches[i] for i in live], [prompts[i][a:a + chunk] for i in live], all_logits=all_logits)
+        for j, i in enumerate(live):
+            parts[i].append(out.logits[j])
+    return [model.B.cat(p) if all_logits else p[-1] for p in parts]
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None) -> GenerationResult:
-    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress)."""
+             keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None,
+             prefill_chunk: int | None = None) -> GenerationResult:
+    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress);
+    `prefill_chunk` feeds the prompts in chunks of that many tokens (chunked prefill)."""
     B = model.B
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -85,9 +103,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     reasons = ["length"] * len(prompts)
 
     t0 = time.perf_counter()
-    out = model.forward(caches, prompts, all_logits=keep_prompt_logits)
-    last = B.cat([lg[-1:] for lg in out.logits])
-    prompt_logits = [B.to_numpy(lg) for lg in out.logits] if keep_prompt_logits else None
+    logits = prefill(model, caches, prompts, keep_prompt_logits, prefill_chunk)
+    last = B.cat([lg[-1:] for lg in logits])
+    prompt_logits = [B.to_numpy(lg) for lg in logits] if keep_prompt_logits else None
     nxt = B.sample(last, params.temperature, params.top_k, params.top_p, rng) if params.max_new_tokens else []
     t1 = time.perf_counter()
 

@@ -36,6 +36,8 @@ from .config import CSA, SWA, ModelConfig
 MAIN, MTP = "main", "mtp"
 NULL_BLOCK = 0
 DEFAULT_BLOCK_SIZE = 128  # vllm-ascend DSV4_BLOCK_SIZES[128] (models/layer/attention/layer.py)
+# compressor state pages: a few groups live at a time; the smallest block the kernels take (16-aligned)
+STATE_BLOCK_SIZE = 16
 
 
 class CacheFull(RuntimeError):
@@ -139,8 +141,20 @@ def _blocks(first: int, end: int, bs: int) -> int:
     return 0 if end <= first else (end - 1) // bs - first // bs + 1
 
 
+def layer_bytes(cfg: ModelConfig, fmt: CacheFormat, layer: int, context: int,
+                block_size: int = DEFAULT_BLOCK_SIZE, state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+    """Bytes (whole blocks) one layer holds for a sequence of `context` tokens, per kind."""
+    out = {}
+    for k in layer_kinds(cfg, layer):
+        first, end = k.live_rows(context, cfg.window)
+        bs = state_block_size if k.sliding == "state" else block_size
+        out[k.name] = _blocks(first, end, bs) * bs * fmt.row_bytes(cfg, k)
+    return out
+
+
 def sequence_bytes(cfg: ModelConfig, fmt: CacheFormat, context: int, with_mtp: bool = False,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, dict[str, float]]:
+                   block_size: int = DEFAULT_BLOCK_SIZE,
+                   state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, dict[str, float]]:
     """Bytes one sequence of `context` tokens holds after its last forward call, per kind: whole blocks
     (`bytes`) and the rows they carry (`row_bytes`), summed over the layers of the kind."""
     out: dict[str, dict[str, float]] = {}
@@ -149,11 +163,12 @@ def sequence_bytes(cfg: ModelConfig, fmt: CacheFormat, context: int, with_mtp: b
         for k in layer_kinds(cfg, i):
             first, end = k.live_rows(context, cfg.window)
             rb = fmt.row_bytes(cfg, k)
+            bs = state_block_size if k.sliding == "state" else block_size
             d = out.setdefault(k.name, {"layers": 0, "rows": 0, "blocks": 0, "bytes": 0, "row_bytes": 0})
             d["layers"] += 1
             d["rows"] = end - first
-            d["blocks"] = _blocks(first, end, block_size)
-            d["bytes"] += d["blocks"] * block_size * rb
+            d["blocks"] = _blocks(first, end, bs)
+            d["bytes"] += d["blocks"] * bs * rb
             d["row_bytes"] += (end - first) * rb
     return out
 
@@ -186,11 +201,13 @@ class PagedCacheManager:
 
     def __init__(self, cfg: ModelConfig, backend: Any, with_mtp: bool = False, block_size: int = 16,
                  num_blocks: int | dict[str, int] | None = None, index_quant: bool = False,
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", state_block_size: int = STATE_BLOCK_SIZE):
         if block_size % 16 or not 16 <= block_size <= 1024:
             # sparse_attn_sharedkv / vllm_quant_lightning_indexer READMEs: block_size a multiple of 16, <= 1024
             raise ValueError(f"block_size must be a multiple of 16 in [16, 1024], got {block_size}")
-        self.cfg, self.B, self.bs = cfg, backend, block_size
+        if state_block_size % 16 or not 16 <= state_block_size <= 1024:
+            raise ValueError(f"state_block_size must be a multiple of 16 in [16, 1024], got {state_block_size}")
+        self.cfg, self.B, self.bs, self.state_bs = cfg, backend, block_size, state_block_size
         self.index_quant = index_quant
         self.n_layers = cfg.n_total_layers if with_mtp else cfg.n_layers
         self.layer_kinds = [layer_kinds(cfg, i, index_quant, kv_dtype) for i in range(self.n_layers)]
@@ -216,9 +233,14 @@ class PagedCacheManager:
     # ---- storage -----------------------------------------------------------------------------------------
     def _shape(self, kind: Kind, width: int, n: int) -> tuple[int, ...]:
         # kernel layouts: PA_ND / PA_BSND [blocks, block_size, 1, D] for keys; [blocks, block_size, W] for state
+        bs = self.kind_bs(kind.name)
         if kind.sliding == "state" or width == 1:
-            return (n + 1, self.bs, width) if width != 1 else (n + 1, self.bs, 1)
-        return (n + 1, self.bs, 1, width)
+            return (n + 1, bs, width)
+        return (n + 1, bs, 1, width)
+
+    def kind_bs(self, kind: str) -> int:
+        """Rows per block of a kind: compressor state pages are smaller (a few groups live at a time)."""
+        return self.state_bs if self.kinds[kind].sliding == "state" else self.bs
 
     def _grow(self, name: str, n: int) -> None:
         if n <= 0:
@@ -271,7 +293,8 @@ class PagedCacheManager:
     def _take(self, kind: str) -> int:
         if not self.free[kind]:
             if self.fixed:
-                raise CacheFull(f"no free {kind} block (capacity {self.capacity[kind]} blocks of {self.bs})")
+                raise CacheFull(f"no free {kind} block (capacity {self.capacity[kind]} blocks of "
+                                f"{self.kind_bs(kind)})")
             self._grow(kind, max(4, self.capacity[kind]))
         b = self.free[kind].pop()
         self.refs[kind][b] = 1
@@ -290,7 +313,8 @@ class PagedCacheManager:
             first, _ = k.live_rows(start, self.cfg.window)
             end = (start + n_new) // k.ratio if k.by == "entry" else start + n_new
             table = [] if seq is None else seq.tables.get((group, name), [])
-            need[name] = sum(1 for lb in range(first // self.bs, -(-end // self.bs))
+            bs = self.kind_bs(name)
+            need[name] = sum(1 for lb in range(first // bs, -(-end // bs))
                              if lb >= len(table) or table[lb] == NULL_BLOCK)
         return need
 
@@ -311,10 +335,11 @@ class PagedCacheManager:
             first, _ = k.live_rows(start, self.cfg.window)
             end = (start + n_new) // k.ratio if k.by == "entry" else start + n_new
             table = seq.tables.setdefault((group, name), [])
-            n_lb = -(-end // self.bs)
+            bs = self.kind_bs(name)
+            n_lb = -(-end // bs)
             if len(table) < n_lb:
                 table.extend([NULL_BLOCK] * (n_lb - len(table)))
-            for lb in range(first // self.bs, n_lb):
+            for lb in range(first // bs, n_lb):
                 if table[lb] == NULL_BLOCK:
                     table[lb] = self._take(name)
 
@@ -327,7 +352,7 @@ class PagedCacheManager:
                 continue
             first, _ = k.live_rows(length, self.cfg.window)
             table = seq.tables.get((group, name), [])
-            for lb in range(min(first // self.bs, len(table))):
+            for lb in range(min(first // self.kind_bs(name), len(table))):
                 if table[lb] != NULL_BLOCK:
                     self._unref(name, table[lb])
                     table[lb] = NULL_BLOCK
@@ -358,15 +383,16 @@ class PagedCacheManager:
             if k.sliding:
                 first, end = k.live_rows(n, self.cfg.window)
                 table = src.tables.get((MAIN, name), [])
-                if any(lb >= len(table) or table[lb] == NULL_BLOCK
-                       for lb in range(first // self.bs, -(-end // self.bs))):
+                bs = self.kind_bs(name)
+                if any(lb >= len(table) or table[lb] == NULL_BLOCK for lb in range(first // bs, -(-end // bs))):
                     return 0
         for name in self.kinds_of_group(MAIN):
             k = self.kinds[name]
             first, end = k.live_rows(n, self.cfg.window)
             table = src.tables[(MAIN, name)]
-            out = [NULL_BLOCK] * (-(-end // self.bs))
-            for lb in range(first // self.bs, len(out)):
+            bs = self.kind_bs(name)
+            out = [NULL_BLOCK] * (-(-end // bs))
+            for lb in range(first // bs, len(out)):
                 if k.sliding:
                     out[lb] = self._take(name)
                     for layer in self.kind_layers[name]:
@@ -394,7 +420,8 @@ class PagedCacheManager:
         """Flat slot ids (block * block_size + offset) of rows of one sequence."""
         r = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
         t = np.asarray(seq.tables.get((group, kind), []), dtype=np.int64)
-        return t[r // self.bs] * self.bs + r % self.bs
+        bs = self.kind_bs(kind)
+        return t[r // bs] * bs + r % bs
 
     # ---- accounting -------------------------------------------------------------------------------------------
     def row_bytes(self, kind: str) -> int:
@@ -405,7 +432,7 @@ class PagedCacheManager:
         out = {}
         for name in self.kinds:
             used = int(np.count_nonzero(self.refs[name][1:]))
-            out[name] = used * self.bs * self.row_bytes(name) * len(self.kind_layers[name])
+            out[name] = used * self.kind_bs(name) * self.row_bytes(name) * len(self.kind_layers[name])
         return out
 
     def free_blocks(self) -> dict[str, int]:

@@ -127,8 +127,9 @@ def test_sequence_bytes_matches_the_managers_accounting(model):
     model.forward([c], [list(np.arange(n) % (cfg.vocab_size - 2) + 2)])
     used = {}
     for (_, kind), table in c.tables.items():
-        used[kind] = sum(b != NULL_BLOCK for b in table) * mgr.bs * mgr.row_bytes(kind) * len(mgr.kind_layers[kind])
-    want = sequence_bytes(cfg, cache_format(cfg, "float32"), n, block_size=mgr.bs)
+        used[kind] = (sum(b != NULL_BLOCK for b in table) * mgr.kind_bs(kind) * mgr.row_bytes(kind)
+                      * len(mgr.kind_layers[kind]))
+    want = sequence_bytes(cfg, cache_format(cfg, "float32"), n, block_size=mgr.bs, state_block_size=mgr.state_bs)
     assert {k: v["bytes"] for k, v in want.items()} == used
     assert [k.name for k in layer_kinds(cfg, 1)] == ["swa", "kv4", "state4", "idx4", "idx_state4"]
 

@@ -28,6 +28,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="feed the prompts N tokens per sequence per forward call (chunked prefill)")
     p.add_argument("--record-ops", metavar="FILE.npz",
                    help="record every op output of the (first) prompt, for `dsv4 compare --a dump:FILE.npz`")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,

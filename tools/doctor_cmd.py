@@ -56,6 +56,11 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         from common.config import load_config
 
         cfg = load_config(model)
+    if providers is None and soc is not None and not info.has_npu:
+        from ascend.torch_backend import simulated_providers
+
+        providers = simulated_providers("cpu", soc, None)  # planning a SoC on a CPU: as deployed there
+        report["providers_source"] = "simulated deployment (torch_npu + vllm-ascend custom ops); --providers to change"
     backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype)
     report["providers"] = sorted(backend.providers)
     calls = model_calls(cfg, dtype)

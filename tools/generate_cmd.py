@@ -131,6 +131,12 @@ def parse_providers(text: str | None) -> list[str] | None:
     return got
 
 
+def _providers(args) -> list[str] | None:
+    from ascend.torch_backend import simulated_providers
+
+    return simulated_providers(args.device, args.soc, parse_providers(getattr(args, "providers", None)))
+
+
 def run_generate(args) -> int:
     from ascend.distributed import wants_distributed
 
@@ -143,7 +149,7 @@ def run_generate(args) -> int:
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
         opts = ({"device": args.device, "soc": args.soc, "dtype": dtype,
-                 "providers": parse_providers(getattr(args, "providers", None))} if args.backend == "torch"
+                 "providers": _providers(args)} if args.backend == "torch"
                 else {"device": "ascend" if args.device == "npu" else "cpu"} if args.backend == "mindspore" else {})
         backend = get_backend(args.backend, **opts)
     except BackendUnavailable as e:
@@ -164,9 +170,17 @@ def run_generate(args) -> int:
 
     bar = tqdm(total=max(args.max_new_tokens - 1, 0), desc="decode", unit="tok", file=sys.stderr,
                disable=args.max_new_tokens <= 1 or not sys.stderr.isatty(), leave=False)
+    chunk = getattr(args, "prefill_chunk", None)
+    if chunk is not None and chunk < 1:
+        raise CliError(f"--prefill-chunk must be >= 1, got {chunk}", EXIT_USAGE)
     res = generate(model, prompts, params, keep_prompt_logits=bool(args.logits_out),
-                   on_step=lambda n: bar.update(1))
+                   on_step=lambda n: bar.update(1), prefill_chunk=chunk)
     bar.close()
+    used = getattr(backend, "variants", None)
+    if used is not None:
+        v = used()
+        attn = ("compressor", "compressor_metadata", "lightning_indexer", "sparse_attn_sharedkv", "kv_scatter")
+        log("attention-side kernels: " + ", ".join(f"{op}={v[op]}" for op in attn if op in v))
     if recorder is not None:
         recorder.save(args.record_ops, {"prompt_ids": prompts[0], "output_ids": res.output_ids[0],
                                         "model": str(args.model)})
