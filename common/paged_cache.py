@@ -337,9 +337,11 @@ class PagedCacheManager:
             table = seq.tables.setdefault((group, name), [])
             bs = self.kind_bs(name)
             n_lb = -(-end // bs)
+            # entry kinds keep every block they had: only their last one and new ones can be missing
+            lb0 = first // bs if k.sliding else max(0, len(table) - 1)
             if len(table) < n_lb:
                 table.extend([NULL_BLOCK] * (n_lb - len(table)))
-            for lb in range(first // bs, n_lb):
+            for lb in range(min(lb0, n_lb), n_lb):
                 if table[lb] == NULL_BLOCK:
                     table[lb] = self._take(name)
 
@@ -352,10 +354,13 @@ class PagedCacheManager:
                 continue
             first, _ = k.live_rows(length, self.cfg.window)
             table = seq.tables.get((group, name), [])
-            for lb in range(min(first // self.kind_bs(name), len(table))):
+            done = seq.extra.get(("trimmed", group, name), 0)  # blocks below this are released already
+            upto = min(first // self.kind_bs(name), len(table))
+            for lb in range(done, upto):
                 if table[lb] != NULL_BLOCK:
                     self._unref(name, table[lb])
                     table[lb] = NULL_BLOCK
+            seq.extra[("trimmed", group, name)] = max(done, upto)
 
     # ---- prefix reuse ---------------------------------------------------------------------------------------
     def prefix_unit(self) -> int:

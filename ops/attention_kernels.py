@@ -114,9 +114,11 @@ class AttentionKernels:
             else:
                 slot[row] = bt[req, lb] * bs + cpos % bs
         R = int(rope_cos.shape[-1])
-        idx = self._idx(rope_row)
-        cos = self.cat([rope_cos, self.full((1, R), 1.0)])[idx].reshape(N, 1, 1, R)
-        sin = self.cat([rope_sin, self.zeros((1, R))])[idx].reshape(N, 1, 1, R)
+        valid = rope_row < P
+        idx = self._idx(np.where(valid, rope_row, 0))
+        keep = self.from_numpy(valid.astype(np.float32)[:, None])  # padding rows: cos 1, sin 0 (exact: *1 + 0)
+        cos = (rope_cos[idx] * keep + (1.0 - keep)).reshape(N, 1, 1, R)
+        sin = (rope_sin[idx] * keep).reshape(N, 1, 1, R)
         return cos, sin, self.from_numpy(slot.astype(np.int32))
 
     def compressor(self, x: Any, wkv: Any, wgate: Any, state_cache: Any, ape: Any, norm_weight: Any,
