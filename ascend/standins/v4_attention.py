@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ops.numpy_ref import ATTN_BLOCK as _ROWS  # query rows per block: bounds the [rows, heads, keys] scores
+
 from .common import F32, LOW
 from .schema import StandinLibrary, check
 
@@ -23,7 +25,6 @@ README = "vllm-ascend@182b75e csrc/attention/{}/README.md"
 SLOT_FLAT, SLOT_BLOCK_OFFSET = 1, 2  # vllm_ascend/device/device_op.py:34-35
 METADATA_SIZE = 1024  # BINDING:1162 OUTPUT_SIZE
 _MAGIC = 0x5634
-_ROWS = 64  # query rows per block in the attention body
 
 
 def _b(line: int) -> str:
