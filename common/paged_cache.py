@@ -224,6 +224,7 @@ class PagedCacheManager:
         self.free: dict[str, list[int]] = {}
         self.refs: dict[str, np.ndarray] = {}
         self.storage: dict[tuple[int, str], Any] = {}
+        self._prefixes: dict[int, tuple[Any, int]] = {}  # hash of a token prefix -> (sequence weakref, tokens)
         for k, n in start.items():
             self.capacity[k] = 0
             self.free[k] = []
@@ -410,6 +411,25 @@ class PagedCacheManager:
             dst.tables[(MAIN, name)] = out
         dst.pos = n
         return n
+
+    def register_prefix(self, seq: SequenceCache, tokens: Sequence[int]) -> None:
+        """Offer the whole prefix units of `tokens` that `seq` has consumed for reuse by later sequences."""
+        unit = self.prefix_unit()
+        index = self._prefixes
+        for n in range(unit, min(len(tokens), seq.pos) + 1, unit):
+            index[hash(tuple(tokens[:n]))] = (weakref.ref(seq), n)
+
+    def reuse_prefix(self, dst: SequenceCache, tokens: Sequence[int]) -> int:
+        """Start a fresh `dst` from the longest registered prefix of `tokens` still held in whole blocks
+        (`share_prefix`); returns the tokens reused (0: none), so the caller prefills only the rest."""
+        unit = self.prefix_unit()
+        index = self._prefixes
+        for n in range((len(tokens) - 1) // unit * unit, 0, -unit):  # keep >= 1 token to run
+            hit = index.get(hash(tuple(tokens[:n])))
+            src = hit[0]() if hit else None
+            if src is not None and src is not dst and self.share_prefix(src, dst, n) == n:
+                return n
+        return 0
 
     # ---- views the kernels take --------------------------------------------------------------------------
     def block_table(self, seqs: Sequence[SequenceCache], group: str, kind: str) -> np.ndarray:

@@ -119,6 +119,24 @@ def test_whole_block_prefix_reuse_equals_full_recompute(model):
     assert mgr.share_prefix(src, model.new_cache(), 10) == 0  # under one unit: nothing reused
 
 
+def test_scheduler_prefix_lookup(model):
+    """register_prefix / reuse_prefix: a later request with the same system prompt starts from its blocks."""
+    mgr = model.caches
+    rng = np.random.default_rng(6)
+    system = rng.integers(2, model.cfg.vocab_size, 256 + 3).tolist()
+    a = model.new_cache()
+    model.forward([a], [system])
+    mgr.register_prefix(a, system)
+    b = model.new_cache()
+    req = system + [7, 8]
+    n = mgr.reuse_prefix(b, req)
+    assert n == 256
+    got = model.forward([b], [req[n:]], all_logits=True).logits[0]
+    full = model.forward([model.new_cache()], [req], all_logits=True).logits[0]
+    assert _rel(got, full[n:]) < 1e-5
+    assert mgr.reuse_prefix(model.new_cache(), [3] * 300) == 0  # unknown prefix
+
+
 def test_sequence_bytes_matches_the_managers_accounting(model):
     """`sequence_bytes` (what plan reads) and the live manager count the same blocks."""
     cfg, mgr = model.cfg, model.caches
