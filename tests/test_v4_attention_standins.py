@@ -243,3 +243,28 @@ def test_v4_shaped_chunked_prefill_through_the_kernels(vendor_models):
     # chunked == full to 1e-5 (tests/test_incremental.py)
     assert _cos(got, full) >= 0.999
     assert np.mean(np.argmax(got, -1) == np.argmax(full, -1)) >= 0.95
+
+
+@pytest.mark.parametrize("soc", ["A2", "A3", "950"])
+def test_doctor_names_the_attention_kernel_per_soc(soc):
+    """`dsv4 doctor --model flash-slice --soc X --dtype bfloat16`: the vendor kernel where one exists for the SoC,
+    and why not where none does (the compressor on A2 per its README; 950's fp8 caches)."""
+    from tools.doctor_cmd import doctor_report
+
+    ops = doctor_report(soc=soc, model="flash-slice", dtype="bfloat16")["ops"]
+    chosen = {op: ops[op][op]["chosen"] for op in ("compressor", "lightning_indexer", "sparse_attn_sharedkv")}
+    want = {
+        "A2": {"compressor": "composed:", "lightning_indexer": "custom:npu_vllm_quant_lightning_indexer",
+               "sparse_attn_sharedkv": "custom:npu_sparse_attn_sharedkv"},
+        "A3": {"compressor": "custom:compressor", "lightning_indexer": "custom:npu_vllm_quant_lightning_indexer",
+               "sparse_attn_sharedkv": "custom:npu_sparse_attn_sharedkv"},
+        "950": {"compressor": "custom:compressor", "lightning_indexer": "composed:",
+                "sparse_attn_sharedkv": "composed:"},
+    }[soc]
+    assert chosen == want
+    if soc == "A2":
+        why = {v["variant"]: v["reason"] for v in ops["compressor"]["compressor"]["variants"]}
+        assert why["custom:compressor"] == "not on A2"
+    if soc == "950":
+        why = {v["variant"]: v["reason"] for v in ops["sparse_attn_sharedkv"]["sparse_attn_sharedkv"]["variants"]}
+        assert "fp8 KV cache layout" in why["custom:npu_kv_quant_sparse_attn_sharedkv"]
