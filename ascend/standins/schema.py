@@ -223,3 +223,39 @@ class StandinLibrary:
     def ops(self) -> dict[str, Any]:
         ns = getattr(torch.ops, self.namespace)
         return {n: getattr(ns, n) for n in self.schemas}
+
+
+# ---- binding only -------------------------------------------------------------------------------------------
+class _Bound(Exception):
+    """Raised by a binding-only op's body: the dispatcher accepted the call."""
+
+
+_BIND_LIBS: dict[str, Any] = {}
+
+
+def binds(library: str, name: str, args: tuple, kwargs: dict[str, Any], version: str | None = None) -> str | None:
+    """Whether a call's arguments bind to the op's real schema at `version` (the dispatcher's parsing only, no
+    host-side checks): None if they do, else the dispatcher's message. For checking recorded calls against a
+    schema version the stand-ins do not implement (e.g. torch-npu 2.9.0)."""
+    s = get_schema(library, name, version)
+    if s is None:
+        return f"{name} does not exist in {library} {version}"
+    ns = "dsv4_bind_" + re.sub(r"\W", "_", f"{library}_{s.version}")
+    lib = _BIND_LIBS.get(ns)
+    if lib is None:
+        lib = _BIND_LIBS[ns] = (torch.library.Library(ns, "FRAGMENT"), set())
+    if name not in lib[1]:
+        lib[0].define(s.schema)
+
+        def body(*a: Any, **k: Any) -> Any:
+            raise _Bound
+
+        lib[0].impl(name, body, "CompositeExplicitAutograd")
+        lib[1].add(name)
+    try:
+        getattr(getattr(torch.ops, ns), name)(*args, **kwargs)
+    except _Bound:
+        return None
+    except (RuntimeError, TypeError) as e:
+        return str(e).splitlines()[0]
+    return f"{name}: the binding-only body was not reached"
