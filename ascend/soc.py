@@ -20,6 +20,9 @@ SOCS = {
     A3: "Ascend 910C (Atlas 800 A3): two dies per card, HCCS / UB super-node",
     A5: "Ascend 950PR / 950DT",
 }
+# expert-parallel token exchange strategies (select_moe_comm picks one per call under "auto")
+MOE_COMM_STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
+MOE_COMM_CHOICES = ("auto", *MOE_COMM_STRATEGIES)
 # chip names reported by the runtime (torch_npu.npu.get_device_name / npu-smi) -> SoC family
 SOC_BY_CHIP_PREFIX = (("Ascend910B", A2), ("Ascend910_93", A3), ("Ascend910C", A3), ("Ascend950", A5))
 
