@@ -106,7 +106,7 @@ TABLE: dict[str, tuple[Variant, ...]] = {
                 note="torch_npu mHC ops ship for 950 only"),
         # vllm-ascend csrc/torch_binding.cpp:1289-1292,1339-1355 (182b75e): bf16 x, hc 4, D 4096 or 7168, mix 24
         Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3),
-                limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "dtype_in": ("bfloat16",)},
+                limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "mix_in": (24,), "dtype_in": ("bfloat16",)},
                 note="x [T, hc, D] or [B, S, hc, D]; hc_fn [24, hc*D]"),
         Variant(COMPOSED, ""),
     ),

@@ -102,7 +102,7 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "rope": {"rope_dim": cfg.rope_dim, "dtype": dtype},
         "linear_w8a8": {"k": cfg.dim, "n": cfg.q_lora_rank, "dtype": dtype},
         "grouped_linear": {"k": cfg.n_heads * cfg.head_dim // cfg.o_groups, "n": cfg.o_lora_rank},
-        "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "dtype": dtype},
+        "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "mix": (2 + cfg.hc_mult) * cfg.hc_mult, "dtype": dtype},
         "hc_post": {"hc_mult": cfg.hc_mult, "dtype": dtype},
         "compress": {"ratio": max([r for r in cfg.compress_ratios if r] or [0])},
         "indexer_topk": {"topk": cfg.index_topk},
@@ -450,7 +450,7 @@ class TorchBackend:
     def hc_pre(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
                hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T, n, D = x.shape
-        call = {"hc_mult": n, "hidden": D, "dtype": self.dtype}
+        call = {"hc_mult": n, "hidden": D, "mix": fn.shape[0], "dtype": self.dtype}
         return self._pick("hc_pre", call)(x, fn, scale, base, iters, hc_eps, norm_eps)
 
     def _hc_empty(self, x):
