@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .standins import schema as schemas
+from . import schemas
 
 # torch_npu version -> the CANN release it is built against (torch-npu wheel README, "Install CANN 9.1.0";
 # the 2.9.0 wheel's matching table row "CANN 8.5.0 | 2.9.0 | 2.9.0 | v2.9.0-7.3.0")
