@@ -176,6 +176,8 @@ class TorchBackend:
                 raise BackendUnavailable(f"--device npu needs a visible NPU ({self.info.torch_npu_error or 'none'})")
             self.npu: Any = npu
             self.torch_npu_version = versions.supported_torch_npu(getattr(npu, "__version__", None))
+            # a kernel registered with another schema than the one the lowering was checked against is not used
+            self._stale = {m.split(":", 1)[0] for m in self.info.torch_npu_schema_mismatches}
             self.device = torch.device("npu")
             detected = self.info.soc
             if soc is None and detected is None:
@@ -196,6 +198,7 @@ class TorchBackend:
         if self.soc not in S.SOCS:
             raise ValueError(f"unknown SoC {self.soc!r}; known: {', '.join(S.SOCS)}")
         self.custom: Any = real_custom if real_custom is not None else custom_standin
+        self._stale: set[str] = getattr(self, "_stale", set())
         if providers is None:
             providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
         self.providers = frozenset(providers)
@@ -220,6 +223,9 @@ class TorchBackend:
         missing = [k for k in v.kernel.split("+") if not hasattr(mod, k)]
         if missing:
             return f"kernel missing: {', '.join(missing)}"
+        stale = [k for k in v.kernel.split("+") if v.provider == S.TORCH_NPU and k in self._stale]
+        if stale:
+            return f"installed schema of {', '.join(stale)} differs from the checked one (dsv4 doctor)"
         if v.provider == S.TORCH_NPU:
             return versions.kernel_problem(v.kernel, v.requires, self.torch_npu_version)
         return None

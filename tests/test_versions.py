@@ -62,6 +62,17 @@ def test_torch_backend_on_npu_without_torch_npu_is_refused_with_the_install_hint
         TorchBackend(torch_npu_version="2.5.1")
 
 
+def test_a_kernel_registered_with_another_schema_is_not_selected():
+    pytest.importorskip("torch")
+    from ascend.torch_backend import TorchBackend
+
+    B = TorchBackend(soc=S.A2, dtype="bfloat16")
+    assert B.plan({"rms_norm": {"dtype": "bfloat16"}})["rms_norm"][0]["status"] == "chosen"
+    B._stale = {"npu_rms_norm"}  # what detect() finds when the installed op's schema differs from the kept one
+    row = B.plan({"rms_norm": {"dtype": "bfloat16"}})["rms_norm"][0]
+    assert row["status"] == "skipped" and "installed schema of npu_rms_norm differs" in row["reason"]
+
+
 def test_mindspore_release_check():
     assert versions.mindspore_supported("2.10.0") and versions.mindspore_supported("2.10.1rc1")
     assert not versions.mindspore_supported("2.7.0") and not versions.mindspore_supported(None)

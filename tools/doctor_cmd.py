@@ -38,6 +38,7 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         "torch": info.torch_version,
         "torch_npu": info.torch_npu_version,
         "torch_npu_error": info.torch_npu_error,
+        "torch_npu_schema_mismatches": info.torch_npu_schema_mismatches,
         "mindspore": info.mindspore_version,
         "custom_packages": info.custom_packages,
         "versions": versions.summary({"torch_npu": info.torch_npu_version, "cann": info.cann_version,
@@ -110,6 +111,7 @@ def _text(r: dict[str, Any]) -> str:
         f"torch        {r['torch'] or 'not installed'}",
         f"torch_npu    {r['torch_npu'] or 'not installed'}"
         + (f" ({r['torch_npu_error']})" if r["torch_npu_error"] not in (None, "not installed") else ""),
+        *(f"{'':<13}schema differs: {m}" for m in r["torch_npu_schema_mismatches"]),
         f"MindSpore    {r['mindspore'] or 'not installed'}",
         f"NPUs         {r['npu_count']}",
     ]
