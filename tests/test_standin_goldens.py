@@ -9,6 +9,8 @@ Formulas and criteria are re-implemented here from (all read at the commits in a
 - vllm-ascend .../test_npu_moe_gating_top_k.py: x, bias U(-2,2); norm (softmax / sigmoid), + bias, group-limited
   (group max or top-2 sum) stable descending top-k, weights the unbiased norm renormalized for sigmoid, times the
   scaling factor; numpy allclose rtol 1e-5, atol 1e-8 and exact ids.
+- vllm-ascend .../test_fused_moe.py: torch_moe golden (each copy through its expert's SwiGLU MLP, weighted by the
+  top-k weights, summed over k) and apply_mlp's npu_grouped_matmul call form; assert_close atol 4e-2, rtol 1.
 - cann-recipes-infer ops/ascendc/examples/test_npu_hc_pre.py (data_compare: relative diff per element with the
   2^-14/thd floor, y 0.004 with <= 2% failing, post/comb 1e-4 with <= 0.5% failing; inputs x U(0,2) bf16,
   hc_fn U(0, 1/(hc*d)), scale / base U(0,2)), test_npu_hc_post.py (out = post x + sum_j comb[j,i] res_j,
@@ -251,3 +253,55 @@ def test_moe_gating_golden_numpy_reference(norm_type, score_func):
         np.testing.assert_array_equal(np.take_along_axis(idx, order, 1), np.sort(gidx, axis=1))
         np.testing.assert_allclose(np.take_along_axis(w, order, 1),
                                    np.take_along_axis(gy, np.argsort(gidx, axis=1), 1), rtol=1e-5, atol=1e-7)
+
+
+# ---- fused MoE (vllm-ascend test_fused_moe.py: torch_moe golden, apply_mlp's grouped-matmul calls) ---------------
+def golden_moe(a, w1, w2, topk_weights, topk_ids):
+    """torch_moe: every (token, k) copy through expert topk_ids[t, k] (silu(x w1[:n]) * x w1[n:]) w2, weighted by
+    topk_weights and summed over k. w1 [e, 2n, d], w2 [e, d, n]."""
+    B, D = a.shape
+    topk = topk_ids.shape[1]
+    x = a.repeat_interleave(topk, 0)
+    out = torch.zeros(B * topk, w2.shape[1], dtype=torch.float64)
+    ids = topk_ids.reshape(-1)
+    for i in range(w1.shape[0]):
+        m = ids == i
+        if m.any():
+            h = x[m].double() @ w1[i].double().t()
+            n = h.shape[-1] // 2
+            out[m] = (torch.nn.functional.silu(h[:, :n]) * h[:, n:]) @ w2[i].double().t()
+    return (out.view(B, topk, -1) * topk_weights.double().view(B, topk, 1)).sum(1)
+
+
+@pytest.mark.parametrize("e,topk", [(8, 2), (64, 6)])
+def test_fused_moe_vllm_ascend_golden(e, topk):
+    from ascend.torch_backend import TorchBackend
+    from ops.contract import ExpertWeights
+
+    torch.manual_seed(0)
+    m, n, k = 16, 128, 128
+    a = torch.randn(m, k) / 10
+    w1, w2 = torch.randn(e, 2 * n, k) / 10, torch.randn(e, k, n) / 10
+    topk_weights, topk_ids = torch.topk(torch.softmax(torch.randn(m, e), -1), topk)
+    want = golden_moe(a, w1, w2, topk_weights, topk_ids)
+    # their apply_mlp call form on the stand-ins: init_routing_v2 -> grouped_matmul (split_item 2, counts) -> swiglu
+    ex, row_idx, counts, _ = tn.npu_moe_init_routing_v2(
+        a, topk_ids.to(torch.int32), expert_num=e, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+        quant_mode=-1, active_expert_range=[0, e])
+    h = tn.npu_grouped_matmul(x=[ex], weight=[w1.transpose(1, 2)], split_item=2, group_list_type=1, group_type=0,
+                              group_list=counts)[0]
+    y = tn.npu_grouped_matmul(x=[tn.npu_swiglu(h)], weight=[w2.transpose(1, 2)], split_item=2, group_list_type=1,
+                              group_type=0, group_list=counts)[0]
+    got = (y[row_idx.long()].view(m, topk, k) * topk_weights[..., None]).sum(1)
+    torch.testing.assert_close(got.double(), want, atol=4e-2, rtol=1)  # their criterion
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)  # and float32-tight on the CPU
+    # the backend's lowering (finalize_routing) and the NumPy reference, on the same golden
+    experts = ExpertWeights([w[:n] for w in w1], [w[n:] for w in w1], list(w2), n_experts=e)
+    B = TorchBackend(soc="A2")
+    lowered = B.moe_experts(a, topk_weights, topk_ids.long(), experts, 0.0)
+    assert B.variants()["moe_experts"].startswith("torch_npu:npu_moe_init_routing_v2")
+    torch.testing.assert_close(lowered.double(), want, atol=1e-5, rtol=1e-4)
+    np_experts = ExpertWeights([x.numpy() for x in experts.w1], [x.numpy() for x in experts.w3],
+                               [x.numpy() for x in experts.w2], n_experts=e)
+    ref = R.moe_experts(a.numpy(), topk_weights.numpy(), topk_ids.numpy(), np_experts, 0.0)
+    np.testing.assert_allclose(ref, want.numpy(), atol=1e-5, rtol=1e-4)
