@@ -9,6 +9,8 @@ Formulas and criteria are re-implemented here from (all read at the commits in a
 - vllm-ascend .../test_npu_moe_gating_top_k.py: x, bias U(-2,2); norm (softmax / sigmoid), + bias, group-limited
   (group max or top-2 sum) stable descending top-k, weights the unbiased norm renormalized for sigmoid, times the
   scaling factor; numpy allclose rtol 1e-5, atol 1e-8 and exact ids.
+- cann-recipes-infer test_npu_moe_gating_top_k.py: the V4 router (sigmoid / sqrt(softplus), tid2eid hash
+  routing, 256 and 384 experts, fp16/bf16/fp32), allclose rtol 0.01, atol 0.001 and exact ids.
 - vllm-ascend .../test_fused_moe.py: torch_moe golden (each copy through its expert's SwiGLU MLP, weighted by the
   top-k weights, summed over k) and apply_mlp's npu_grouped_matmul call form; assert_close atol 4e-2, rtol 1.
 - cann-recipes-infer ops/ascendc/examples/test_npu_hc_pre.py (data_compare: relative diff per element with the
@@ -305,3 +307,53 @@ def test_fused_moe_vllm_ascend_golden(e, topk):
                                [x.numpy() for x in experts.w2], n_experts=e)
     ref = R.moe_experts(a.numpy(), topk_weights.numpy(), topk_ids.numpy(), np_experts, 0.0)
     np.testing.assert_allclose(ref, want.numpy(), atol=1e-5, rtol=1e-4)
+
+
+# ---- V4 router with hash routing (cann-recipes-infer test_npu_moe_gating_top_k.py) ------------------------------
+def golden_gating_hash(x, k, input_ids, tid2eid, norm_type, eps):
+    """moe_gating_top_k_numpy: sigmoid (1) or sqrt(softplus) (2) of float32(x); ids tid2eid[input_ids] when given,
+    else the stable descending top-k; weights the scores at the ids over (their sum + eps)."""
+    xf = x.float().numpy()
+    norm = 1 / (1 + np.exp(-xf)) if norm_type == 1 else np.sqrt(np.log1p(np.exp(xf)))
+    idx = tid2eid[input_ids] if tid2eid is not None else np.argsort(-norm, axis=-1, kind="stable")[:, :k]
+    y = np.take_along_axis(norm, idx.astype(np.int64), axis=1)
+    return y / (y.sum(-1, keepdims=True) + eps), idx.astype(np.int32)
+
+
+HASH_GATES = {
+    "vllm_ascend.moe_gating_top_k_hash": lambda x, k, ids, t2e, nt, eps: va.moe_gating_top_k_hash(
+        x, k, None, ids, t2e, 1, 1, 1.0, eps, 0, 0, nt)[:2],
+    "cann_recipes.npu_moe_gating_top_k": lambda x, k, ids, t2e, nt, eps: cr.npu_moe_gating_top_k(
+        x, k, input_ids=ids, tid2eid=t2e, routed_scaling_factor=1.0, eps=eps, norm_type=nt)[:2],
+    "numpy reference": lambda x, k, ids, t2e, nt, eps: R.moe_gate(
+        x.float().numpy(), np.eye(x.shape[1], dtype=np.float32), None, None if t2e is None else t2e.numpy(),
+        None if ids is None else ids.numpy(), k, {1: "sigmoid", 2: "sqrtsoftplus"}[nt], 1.0, True),
+}
+
+
+@pytest.mark.parametrize("gate", sorted(HASH_GATES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm_type", [1, 2])
+@pytest.mark.parametrize("experts,hashed", [(256, True), (384, False)])
+def test_moe_gating_hash_cann_recipes_golden(gate, dtype, norm_type, experts, hashed):
+    rng = np.random.default_rng(42)
+    T, k, N, eps = 16, 6, 100, 1e-6
+    x = torch.tensor(rng.uniform(-2, 2, (T, experts))).to(dtype)
+    ids = torch.tensor(rng.uniform(0, N, T)).to(torch.int64) if hashed else None
+    t2e = torch.tensor(rng.uniform(0, experts, (N, k))).to(torch.int32) if hashed else None
+    gy, gidx = golden_gating_hash(x, k, None if ids is None else ids.numpy(),
+                                  None if t2e is None else t2e.numpy(), norm_type, eps)
+    y, idx = HASH_GATES[gate](x, k, ids, t2e, norm_type, eps)
+    y, idx = np.asarray(f32(y)), np.asarray(idx)
+    if gate == "numpy reference" and not hashed:
+        # the reference's top-k (argpartition) is unordered and breaks exact ties arbitrarily, the kernels by the
+        # lower expert id; fp16/bf16 logits tie often, float32 router logits practically never. So: the chosen
+        # scores must be the golden's as a multiset, the weights likewise.
+        xf = x.float().numpy()
+        norm = 1 / (1 + np.exp(-xf)) if norm_type == 1 else np.sqrt(np.log1p(np.exp(xf)))
+        np.testing.assert_array_equal(np.sort(np.take_along_axis(norm, idx, 1), 1),
+                                      np.sort(np.take_along_axis(norm, gidx.astype(np.int64), 1), 1))
+        np.testing.assert_allclose(np.sort(y, 1), np.sort(gy, 1), rtol=0.01, atol=0.001)
+        return
+    np.testing.assert_array_equal(idx, gidx)
+    np.testing.assert_allclose(y, gy, rtol=0.01, atol=0.001)  # their criterion
