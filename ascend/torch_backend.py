@@ -108,7 +108,7 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "indexer_topk": {"topk": cfg.index_topk},
         "sparse_attention": {"heads": cfg.n_heads, "topk": cfg.index_topk},
         "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func,
-                     "hash": bool(getattr(cfg, "n_hash_layers", 0))},
+                     "hash": any(cfg.hash_layers)},
         "moe_experts": {"hidden": cfg.dim, "topk": cfg.n_activated_experts},
         "swiglu": {"dtype": dtype},
         "sample": {},
@@ -167,6 +167,7 @@ class TorchBackend:
         self.dtype = dtype
         self.kdtype = _KERNEL_DTYPES[dtype]
         self.info = devmod.detect() if device == "npu" else None
+        self._stale: set[str] = set()  # torch_npu kernels whose installed schema differs from the kept one
         real_custom = None
         if device == "npu":
             from ops import BackendUnavailable
@@ -176,7 +177,6 @@ class TorchBackend:
                 raise BackendUnavailable(f"--device npu needs a visible NPU ({self.info.torch_npu_error or 'none'})")
             self.npu: Any = npu
             self.torch_npu_version = versions.supported_torch_npu(getattr(npu, "__version__", None))
-            # a kernel registered with another schema than the one the lowering was checked against is not used
             self._stale = {m.split(":", 1)[0] for m in self.info.torch_npu_schema_mismatches}
             self.device = torch.device("npu")
             detected = self.info.soc
@@ -198,7 +198,6 @@ class TorchBackend:
         if self.soc not in S.SOCS:
             raise ValueError(f"unknown SoC {self.soc!r}; known: {', '.join(S.SOCS)}")
         self.custom: Any = real_custom if real_custom is not None else custom_standin
-        self._stale: set[str] = getattr(self, "_stale", set())
         if providers is None:
             providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
         self.providers = frozenset(providers)
