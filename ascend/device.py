@@ -38,6 +38,8 @@ class DeviceInfo:
     torch_version: str | None = None
     torch_npu_version: str | None = None
     torch_npu_error: str | None = None  # why torch_npu is unusable (not installed / failed to import)
+    # kept torch_npu schemas that the installed torch_npu registers differently (versions.live_schema_mismatches)
+    torch_npu_schema_mismatches: list[str] = field(default_factory=list)
     npu_count: int = 0
     chip: str | None = None  # e.g. "Ascend910B2", from torch_npu.npu.get_device_name
     soc: str | None = None  # A2 / A3 / 950, from the chip name
@@ -176,6 +178,9 @@ def detect() -> DeviceInfo:
                 info.soc = socmod.soc_of_chip(info.chip)
         except Exception as e:  # noqa: BLE001 - driver present but no usable device
             info.torch_npu_error = _short(e)
+        supported = versions.supported_torch_npu(info.torch_npu_version)
+        if supported is not None:
+            info.torch_npu_schema_mismatches = versions.live_schema_mismatches("torch_npu", torch.ops.npu, supported)
     info.cann_version, info.cann_home = cann_version()
     info.mindspore_version = _mindspore_version()
     for pkg in CUSTOM_PACKAGES:

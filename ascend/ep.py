@@ -32,8 +32,8 @@ import torch.distributed as dist
 from . import soc as soc_table
 from .standins.mc2 import all_gather_flat, reduce_scatter_flat
 
-STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
-MOE_COMM_CHOICES = ("auto",) + STRATEGIES
+STRATEGIES = soc_table.MOE_COMM_STRATEGIES
+MOE_COMM_CHOICES = soc_table.MOE_COMM_CHOICES
 
 
 class CollectiveError(RuntimeError):

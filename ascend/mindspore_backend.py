@@ -81,6 +81,13 @@ def _start_runtime(device: str, threads: int, sync_launch: bool) -> tuple[Any, A
         import mindspore as ms
     except Exception as e:  # noqa: BLE001 - a broken install fails with ImportError, OSError, RuntimeError
         raise BackendUnavailable(f"mindspore failed to import ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+    if device != "cpu":
+        # the Ascend primitives' signatures and limits (MC2 in the SoC table) were read from this release
+        from . import versions
+
+        if not versions.mindspore_supported(ms.__version__):
+            raise BackendUnavailable(f"mindspore {ms.__version__} is not supported on Ascend (supported: "
+                                     f"{', '.join(versions.MINDSPORE_SUPPORTED)}); {INSTALL_HINT}")
     ms.set_device(DEVICES[device])
     if device == "cpu":
         if sync_launch:

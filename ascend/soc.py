@@ -20,6 +20,9 @@ SOCS = {
     A3: "Ascend 910C (Atlas 800 A3): two dies per card, HCCS / UB super-node",
     A5: "Ascend 950PR / 950DT",
 }
+# expert-parallel token exchange strategies (select_moe_comm picks one per call under "auto")
+MOE_COMM_STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
+MOE_COMM_CHOICES = ("auto", *MOE_COMM_STRATEGIES)
 # chip names reported by the runtime (torch_npu.npu.get_device_name / npu-smi) -> SoC family
 SOC_BY_CHIP_PREFIX = (("Ascend910B", A2), ("Ascend910_93", A3), ("Ascend910C", A3), ("Ascend950", A5))
 
@@ -103,7 +106,7 @@ TABLE: dict[str, tuple[Variant, ...]] = {
                 note="torch_npu mHC ops ship for 950 only"),
         # vllm-ascend csrc/torch_binding.cpp:1289-1292,1339-1355 (182b75e): bf16 x, hc 4, D 4096 or 7168, mix 24
         Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3),
-                limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "dtype_in": ("bfloat16",)},
+                limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "mix_in": (24,), "dtype_in": ("bfloat16",)},
                 note="x [T, hc, D] or [B, S, hc, D]; hc_fn [24, hc*D]"),
         Variant(COMPOSED, ""),
     ),

@@ -130,7 +130,7 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "rope": {"rope_dim": cfg.rope_dim, "dtype": dtype},
         "linear_w8a8": {"k": cfg.dim, "n": cfg.q_lora_rank, "dtype": dtype},
         "grouped_linear": {"k": cfg.n_heads * cfg.head_dim // cfg.o_groups, "n": cfg.o_lora_rank},
-        "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "dtype": dtype},
+        "hc_pre": {"hc_mult": cfg.hc_mult, "hidden": cfg.dim, "mix": (2 + cfg.hc_mult) * cfg.hc_mult, "dtype": dtype},
         "hc_post": {"hc_mult": cfg.hc_mult, "dtype": dtype},
         "compress": {},
         "indexer_topk": {},
@@ -142,7 +142,7 @@ def model_calls(cfg: Any, dtype: str = "float32") -> dict[str, dict[str, Any]]:
         "sparse_attn_sharedkv": {"heads": cfg.n_heads, "topk": cfg.index_topk, "dtype": dtype},
         "kv_scatter": {},
         "moe_gate": {"topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "score_func": cfg.score_func,
-                     "hash": bool(getattr(cfg, "n_hash_layers", 0))},
+                     "hash": any(cfg.hash_layers)},
         "moe_experts": {"hidden": cfg.dim, "topk": cfg.n_activated_experts},
         "swiglu": {"dtype": dtype},
         "sample": {},
@@ -228,6 +228,7 @@ class TorchBackend(AttentionKernels):
         self.act = self.kdtype  # activations between ops
         self.act_dtype = dtype  # its name: common.paged_cache holds window keys and compressed entries in it
         self.info = devmod.detect() if device == "npu" else None
+        self._stale: set[str] = set()  # torch_npu kernels whose installed schema differs from the kept one
         real_custom = None
         if device == "npu":
             from ops import BackendUnavailable
@@ -237,6 +238,7 @@ class TorchBackend(AttentionKernels):
                 raise BackendUnavailable(f"--device npu needs a visible NPU ({self.info.torch_npu_error or 'none'})")
             self.npu: Any = npu
             self.torch_npu_version = versions.supported_torch_npu(getattr(npu, "__version__", None))
+            self._stale = {m.split(":", 1)[0] for m in self.info.torch_npu_schema_mismatches}
             self.device = torch.device("npu")
             detected = self.info.soc
             if soc is None and detected is None:
@@ -281,6 +283,9 @@ class TorchBackend(AttentionKernels):
         missing = [k for k in v.kernel.split("+") if not hasattr(mod, k)]
         if missing:
             return f"kernel missing: {', '.join(missing)}"
+        stale = [k for k in v.kernel.split("+") if v.provider == S.TORCH_NPU and k in self._stale]
+        if stale:
+            return f"installed schema of {', '.join(stale)} differs from the checked one (dsv4 doctor)"
         if v.provider == S.TORCH_NPU:
             return versions.kernel_problem(v.kernel, v.requires, self.torch_npu_version)
         return None
@@ -539,7 +544,7 @@ class TorchBackend(AttentionKernels):
     def hc_pre(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
                hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T, n, D = x.shape
-        call = {"hc_mult": n, "hidden": D, "dtype": self.dtype}
+        call = {"hc_mult": n, "hidden": D, "mix": fn.shape[0], "dtype": self.dtype}
         # mixes, Sinkhorn and the weighted stream sum in float32; y is cast back, post / comb stay float32
         y, post, comb = self._pick("hc_pre", call)(x.to(F32), fn, scale, base, iters, hc_eps, norm_eps)
         return y.to(self.act), post.to(F32), comb.to(F32)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .standins import schema as schemas
+from . import schemas
 
 # torch_npu version -> the CANN release it is built against (torch-npu wheel README, "Install CANN 9.1.0";
 # the 2.9.0 wheel's matching table row "CANN 8.5.0 | 2.9.0 | 2.9.0 | v2.9.0-7.3.0")
@@ -125,14 +125,17 @@ def live_schema_mismatches(library: str, namespace: Any, version: str | None = N
             live = str(getattr(namespace, name).default._schema)
         except (AttributeError, RuntimeError):
             continue
-        if _norm(live) != _norm(kept.schema):
+        if not _same_schema(live, kept.schema):
             out.append(f"{name}: found {live}; checked against {kept.schema} ({kept.source})")
     return out
 
 
-def _norm(schema: str) -> str:
-    s = schema.split("::", 1)[-1]
-    return re.sub(r"\s+", " ", re.sub(r"(\w+) (\w+)(?=[,)=])", r"\1 \2", s)).strip()
+def _same_schema(a: str, b: str) -> bool:
+    """Equal as parsed function schemas, the namespace aside."""
+    import torch
+
+    parse = torch._C.parse_schema
+    return parse(a.split("::", 1)[-1]) == parse(b.split("::", 1)[-1])
 
 
 # ---- custom-op package bootstrap (vllm-ascend@182b75e vllm_ascend/utils.py:299-316, enable_custom_op :418-423) --

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from ascend import soc as soc_table
 from common.config import ConfigError
 from common.safetensors_io import CheckpointError
 
@@ -41,9 +42,9 @@ def _add_generate(sub) -> None:
                         "command runs as one rank instead")
     d.add_argument("--device", choices=("cpu", "npu"), default="cpu",
                    help="cpu = gloo collectives and stand-in MC2 ops; npu = hccl and torch_npu")
-    d.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall", "dispatch_combine"), default="auto",
+    d.add_argument("--moe-comm", choices=soc_table.MOE_COMM_CHOICES, default="auto",
                    help="MoE token exchange; auto picks per forward call from the SoC table")
-    d.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+    d.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None,
                    help="SoC whose limits `--moe-comm auto` applies (default: detected on an NPU, A2 on a CPU)")
     d.add_argument("--providers", default=None, metavar="LIST",
                    help="kernel providers of --backend torch, comma-separated from torch_npu,custom,composed "
@@ -114,8 +115,11 @@ def cmd_convert(args) -> int:
 
 def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="show the Ascend software found and which lowering each op will use")
-    p.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+    p.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None,
                    help="SoC to plan for (default: detected on an NPU, A2 otherwise)")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks to plan the MoE exchange for (default 8)")
+    p.add_argument("--tokens-per-rank", type=int, default=64,
+                   help="largest per-rank token count of a MoE call to plan for (default 64)")
     p.add_argument("--model", default="v4-flash", help="preset or model directory whose call shapes to plan for")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="activation dtype handed to the kernels")

@@ -30,68 +30,11 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-LIBRARIES = ("torch_npu", "vllm_ascend", "cann_recipes")
-
-
-@dataclass(frozen=True)
-class OpSchema:
-    library: str  # torch_npu / vllm_ascend / cann_recipes
-    namespace: str  # the real torch.ops namespace (npu, _C_ascend, custom)
-    name: str
-    schema: str  # the owner's schema string, verbatim
-    source: str  # "<package or repo>@<version or commit> <path>:<line>"
-    version: str  # torch_npu version or git commit the schema was read from
-
-
-@functools.cache
-def _doc(library: str) -> dict[str, Any]:
-    import yaml
-
-    if library not in LIBRARIES:
-        raise KeyError(f"no schema library {library!r}; known: {', '.join(LIBRARIES)}")
-    return yaml.safe_load((SCHEMA_DIR / f"{library}.yaml").read_text())
-
-
-def schema_version(library: str) -> str:
-    """The version (torch_npu) or commit (git sources) the kept schemas were read from."""
-    src = _doc(library)["source"]
-    return str(src.get("version") or src.get("commit"))
-
-
-def op_names(library: str) -> tuple[str, ...]:
-    return tuple(_doc(library)["ops"])
-
-
-def schema_versions(library: str, name: str) -> dict[str, dict[str, Any]]:
-    """Per-version differences of an op's schema: version -> {"schema": ...} or {"absent": True}."""
-    return dict(_doc(library)["ops"][name].get("versions", {}))
-
-
-def get_schema(library: str, name: str, version: str | None = None) -> OpSchema | None:
-    """The op's schema as the given library version ships it (None: absent there). version None = the primary."""
-    doc = _doc(library)
-    entry = doc["ops"].get(name)
-    if entry is None:
-        raise KeyError(f"{library} schema of {name!r} is not kept in ascend/schemas/{library}.yaml")
-    src = doc["source"]
-    primary = str(src.get("version") or src.get("commit"))
-    origin = src.get("package") or src.get("repo")
-    schema, line = entry["schema"], entry["line"]
-    if version is not None and version != primary:
-        per = entry.get("versions", {}).get(version)
-        if per is not None:
-            if per.get("absent"):
-                return None
-            schema, line = per["schema"], per["line"]
-        primary = version
-    return OpSchema(library, doc["namespace"], name, schema, f"{origin}@{primary} {entry['path']}:{line}", primary)
+from ..schemas import LIBRARIES, OpSchema, get_schema, op_names, schema_version, schema_versions  # noqa: F401
 
 
 def check(cond: bool, msg: str, source: str) -> None:
@@ -223,3 +166,39 @@ class StandinLibrary:
     def ops(self) -> dict[str, Any]:
         ns = getattr(torch.ops, self.namespace)
         return {n: getattr(ns, n) for n in self.schemas}
+
+
+# ---- binding only -------------------------------------------------------------------------------------------
+class _Bound(Exception):
+    """Raised by a binding-only op's body: the dispatcher accepted the call."""
+
+
+_BIND_LIBS: dict[str, Any] = {}
+
+
+def binds(library: str, name: str, args: tuple, kwargs: dict[str, Any], version: str | None = None) -> str | None:
+    """Whether a call's arguments bind to the op's real schema at `version` (the dispatcher's parsing only, no
+    host-side checks): None if they do, else the dispatcher's message. For checking recorded calls against a
+    schema version the stand-ins do not implement (e.g. torch-npu 2.9.0)."""
+    s = get_schema(library, name, version)
+    if s is None:
+        return f"{name} does not exist in {library} {version}"
+    ns = "dsv4_bind_" + re.sub(r"\W", "_", f"{library}_{s.version}")
+    lib = _BIND_LIBS.get(ns)
+    if lib is None:
+        lib = _BIND_LIBS[ns] = (torch.library.Library(ns, "FRAGMENT"), set())
+    if name not in lib[1]:
+        lib[0].define(s.schema)
+
+        def body(*a: Any, **k: Any) -> Any:
+            raise _Bound
+
+        lib[0].impl(name, body, "CompositeExplicitAutograd")
+        lib[1].add(name)
+    try:
+        getattr(getattr(torch.ops, ns), name)(*args, **kwargs)
+    except _Bound:
+        return None
+    except (RuntimeError, TypeError) as e:
+        return str(e).splitlines()[0]
+    return f"{name}: the binding-only body was not reached"
