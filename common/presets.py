@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import Weights, as_float
+from .checkpoint import Weights, as_float, float_dtype_np
 from .config import ModelConfig
 from .names import device_dtype, expected_tensors, parse_expert
 
@@ -23,6 +23,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True, float
     rng = np.random.default_rng(seed)
     w = Weights()
     w.mtp_enabled = with_mtp and cfg.n_mtp_layers > 0
+    blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for name, shape, kind in expected_tensors(cfg, with_mtp=w.mtp_enabled):
         leaf = name.rsplit(".", 1)[-1] if not name.endswith(".weight") else name.rsplit(".", 2)[-2]
         if kind == "i":  # tid2eid: k distinct experts per token
@@ -41,8 +42,27 @@ def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True, float
         else:
             std = np.float32(1.0 / np.sqrt(shape[-1]))
             w[name] = rng.standard_normal(shape, dtype=np.float32) * std
-        if experts is not None and (pe := parse_expert(name)) is not None and pe[1] not in experts:
+        pe = parse_expert(name)
+        if pe is not None and experts is not None and pe[1] not in experts:
             del w[name]
+        elif pe is not None:
+            w[name] = _into_block(blocks, pe, w[name], float_dtype_np(device_dtype(name, float_dtype)),
+                                  list(experts) if experts is not None else range(cfg.n_routed_experts), cfg)
         elif kind != "i":
             w[name] = as_float(w[name], device_dtype(name, float_dtype))
     return w
+
+
+def _into_block(blocks: dict, pe: tuple[int, int, str], value: np.ndarray, dtype: np.dtype, held, cfg) -> np.ndarray:
+    """A layer's routed experts share two blocks, [E, 2I, d] (w1 rows, then w3 rows) and [E, d, I], as a fused
+    checkpoint stores them: each expert weight is a view, and a backend can take the whole layer as one tensor
+    without copying it (ascend.torch_backend._stacked)."""
+    layer, e, which = pe
+    E, I, d = len(held), cfg.moe_inter_dim, cfg.dim
+    if layer not in blocks:
+        blocks[layer] = (np.empty((E, 2 * I, d), dtype), np.empty((E, d, I), dtype))
+    b13, b2 = blocks[layer]
+    i = held.index(e)
+    view = b13[i, :I] if which == "w1" else b13[i, I:] if which == "w3" else b2[i]
+    view[...] = value
+    return view

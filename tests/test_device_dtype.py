@@ -135,6 +135,26 @@ def test_bf16_checkpoint_is_handed_over_without_a_float32_copy(dirs):
     assert kept and all(names.role(n) in ("hc", "sink", "ape", "router_bias") for n in kept)
 
 
+def test_preset_experts_are_stacked_without_a_copy():
+    """A layer's routed experts come as views of one block, so the grouped GEMM's stacked weight is a view of the
+    same memory (the weights are not duplicated on the device)."""
+    lm = load_model("tiny", log=lambda m: None, float_dtype="bfloat16")
+    B = TorchBackend(dtype="bfloat16")
+    model = Model(lm.cfg, lm.weights, B)
+    w13, w2 = B._stacked(model.experts[1])
+    e0 = model.w["layers.1.ffn.experts.0.w1.weight"]
+    assert w13.dtype == torch.bfloat16 and w13.untyped_storage().data_ptr() == e0.untyped_storage().data_ptr()
+    I = lm.cfg.moe_inter_dim
+    for e in (0, 5):
+        assert torch.equal(w13[e].t()[:I], model.w[f"layers.1.ffn.experts.{e}.w1.weight"])
+        assert torch.equal(w13[e].t()[I:], model.w[f"layers.1.ffn.experts.{e}.w3.weight"])
+        assert torch.equal(w2[e].t(), model.w[f"layers.1.ffn.experts.{e}.w2.weight"])
+    # an expert-parallel rank's slice draws the same values
+    part = load_model("tiny", log=lambda m: None, float_dtype="bfloat16", experts=range(4, 8)).weights
+    name = "layers.1.ffn.experts.5.w3.weight"
+    assert np.array_equal(part[name].view(np.int16), lm.weights[name].view(np.int16))
+
+
 def test_release_fp8_dequantizes_to_bf16_not_float32(dirs):
     lm = load_model(str(dirs["release"]), log=lambda m: None, float_dtype="bfloat16")
     w = lm.weights["layers.0.attn.wq_b.weight"]
