@@ -84,7 +84,8 @@ def reference(dirs, tmp_path_factory) -> tuple[np.ndarray, list[int]]:
 
 # ---- the acceptance check: bf16 through the lowering against the float32 reference -----------------------
 @pytest.mark.parametrize("extra", [("--soc", "A2"), ("--soc", "A3"), ("--soc", "950"),
-                                   ("--soc", "A3", "--nproc", "2")], ids=["A2", "A3", "950", "A3-nproc2"])
+                                   ("--soc", "A3", "--nproc", "2"), ("--soc", "A2", "--dtype", "float16")],
+                         ids=["A2", "A3", "950", "A3-nproc2", "A2-float16"])
 def test_bf16_generate_matches_float32_reference(dirs, reference, tmp_path, extra):
     ref, _ = reference
     got, _ = _logits(tmp_path, dirs["bf16"], "--backend", "torch", "--dtype", "bfloat16", *extra)
