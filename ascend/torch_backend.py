@@ -352,7 +352,7 @@ class TorchBackend:
         while isinstance(root.base, np.ndarray):
             root = root.base
         if (root is a or root.dtype != a.dtype or root.nbytes <= a.nbytes or not root.flags.c_contiguous
-                or a.dtype.kind not in "fiV" or a.dtype == object):
+                or a.dtype.kind not in "fiV" or any(st < 0 for st in a.strides)):
             return None
         hit = self._bases.get(id(root))
         if hit is None or hit[0] is not root:
