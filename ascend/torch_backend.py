@@ -162,6 +162,29 @@ class _W4A8:
     group_size: int
 
 
+def _block_view(parts: list[list[torch.Tensor]]) -> torch.Tensor | None:
+    """[E, R, K] with expert e = parts[0][e] rows, then parts[1][e] rows, ...: a view when the tensors already sit
+    that way in one buffer, else None."""
+    first = parts[0][0]
+    E, K = len(parts[0]), first.shape[-1]
+    rows = [p[0].shape[0] for p in parts]
+    R = sum(rows)
+    try:
+        big = first.as_strided((E, R, K), (R * K, K, 1), first.storage_offset())
+    except RuntimeError:  # the buffer does not extend that far
+        return None
+    for e in range(E):
+        r0 = 0
+        for p, r in zip(parts, rows, strict=True):
+            t = p[e]
+            if (t.dtype != first.dtype or t.shape != (r, K) or not t.is_contiguous()
+                    or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                    or t.storage_offset() != first.storage_offset() + (e * R + r0) * K):
+                return None
+            r0 += r
+    return big
+
+
 def _unpack_int4(p: torch.Tensor) -> torch.Tensor:
     """int8 [..., K/2] packed nibbles -> int8 [..., K] in [-8, 7] (ops.quant.unpack_int4 in torch)."""
     lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4)  # arithmetic shift sign-extends
@@ -271,6 +294,7 @@ class TorchBackend(AttentionKernels):
         self._qcache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._dcache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._ecache: dict[int, tuple[ExpertWeights, Any]] = {}
+        self._bases: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
         self._ones: dict[int, torch.Tensor] = {}
 
     # ---- variant selection -------------------------------------------------------------------------
@@ -331,6 +355,9 @@ class TorchBackend(AttentionKernels):
         if isinstance(a, torch.Tensor):
             return a.to(self.device)
         a = np.asarray(a)
+        shared = self._view_of_shared_base(a)
+        if shared is not None:
+            return shared
         bf16 = a.dtype == _NP_BF16
         if bf16:
             a = a.view(np.int16)  # torch.from_numpy has no ml_dtypes bfloat16: share the bits
@@ -345,6 +372,23 @@ class TorchBackend(AttentionKernels):
         if bf16:
             t = t.view(torch.bfloat16)
         return t if self.device.type == "cpu" else t.to(self.device)
+
+    def _view_of_shared_base(self, a: np.ndarray) -> torch.Tensor | None:
+        """Views into one larger array (e.g. the experts of a layer in one block) become views of ONE tensor made
+        from that array, once: they stay one buffer on the device, so grouped kernels can take them stacked
+        without a copy (`_stacked`)."""
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if (root is a or root.dtype != a.dtype or root.nbytes <= a.nbytes or not root.flags.c_contiguous
+                or a.dtype.kind not in "fiV" or any(st < 0 for st in a.strides)):
+            return None
+        hit = self._bases.get(id(root))
+        if hit is None or hit[0] is not root:
+            hit = self._bases[id(root)] = (root, self.from_numpy(root.reshape(-1)))  # holding root pins its id
+        item = a.dtype.itemsize
+        offset = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+        return hit[1].as_strided(a.shape, [st // item for st in a.strides], offset // item)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         if isinstance(x, torch.Tensor):
@@ -929,8 +973,9 @@ class TorchBackend(AttentionKernels):
         return impl(x, weights.to(F32), ids, experts, limit).to(self.act)
 
     def _stacked(self, experts: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Float experts as one [E, D, 2I] (gate|up) and one [E, I, D] weight, transposed views of stacked
-        copies (made once; npu_grouped_matmul takes float32 only as single tensors). None if quantized."""
+        """Float experts as one [E, D, 2I] (gate|up) and one [E, I, D] weight (npu_grouped_matmul takes float32
+        only as single tensors): transposed views of the buffer they already share (a fused checkpoint tensor,
+        a preset's expert block), else of stacked copies made once. None if quantized."""
         hit = self._ecache.get(id(experts))
         if hit is not None and hit[0] is experts:
             return hit[1]
@@ -938,8 +983,12 @@ class TorchBackend(AttentionKernels):
         if not all(isinstance(w, torch.Tensor) for lst in ws for w in lst):
             stacked = None
         else:
-            w13 = torch.stack([torch.cat([a, b], dim=0) for a, b in zip(experts.w1, experts.w3, strict=True)])
-            w2 = torch.stack(list(experts.w2))
+            w13 = _block_view([experts.w1, experts.w3])
+            if w13 is None:
+                w13 = torch.stack([torch.cat([a, b], dim=0) for a, b in zip(experts.w1, experts.w3, strict=True)])
+            w2 = _block_view([experts.w2])
+            if w2 is None:
+                w2 = torch.stack(list(experts.w2))
             stacked = (w13.transpose(1, 2).to(self.kdtype), w2.transpose(1, 2).to(self.kdtype))
         self._ecache[id(experts)] = (experts, stacked)  # holding `experts` keeps its id from being reused
         return stacked

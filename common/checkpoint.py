@@ -89,11 +89,16 @@ def _float32(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.float32 else a.astype(np.float32)
 
 
-def as_float(a: np.ndarray, dtype: str) -> np.ndarray:
-    """`a` in the named float dtype, with no copy when it is stored that way."""
+def float_dtype_np(dtype: str) -> np.dtype:
+    """The numpy dtype of a float dtype name (float32, bfloat16, float16)."""
     from .safetensors_io import DTYPES
 
-    want = DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+    return DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+
+
+def as_float(a: np.ndarray, dtype: str) -> np.ndarray:
+    """`a` in the named float dtype, with no copy when it is stored that way."""
+    want = float_dtype_np(dtype)
     return a if a.dtype == want else a.astype(want)
 
 
