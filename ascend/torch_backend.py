@@ -756,7 +756,9 @@ class TorchBackend(AttentionKernels):
     def index_key_dtype(self, cfg: Any) -> str:
         """How the index cache should hold keys for this backend: "int8" when the int8 indexer kernel is the
         variant for `cfg` (keys then go through npu_dynamic_quant + scatter), else the activation dtype."""
-        return "int8" if self._vendor("lightning_indexer", index_call(cfg, self.dtype, "int8")) else self.dtype
+        kd = "int8" if self._vendor("lightning_indexer", index_call(cfg, self.dtype, "int8")) else self.dtype
+        self._index_keys = kd  # the indexer metadata op selects with the same call as the indexer
+        return kd
 
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row int8 over the last axis: (int8 like x, float32 scale x.shape[:-1]) (npu_dynamic_quant)."""

@@ -80,8 +80,6 @@ class Model:
         # else the activation dtype (the reference: float32, exact)
         key_dtype = getattr(backend, "index_key_dtype", None)
         self.index_int8 = key_dtype is not None and key_dtype(cfg) == "int8"
-        if self.index_int8:
-            backend._index_keys = "int8"
         self.caches = PagedCacheManager(cfg, backend, self.mtp_enabled, block_size, num_blocks,
                                         index_quant=self.index_int8,
                                         kv_dtype=getattr(backend, "act_dtype", "float32"))
