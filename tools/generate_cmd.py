@@ -145,6 +145,9 @@ def run_generate(args) -> int:
 
         return run_generate_distributed(args)
     params = sampling_params(args)
+    chunk = getattr(args, "prefill_chunk", None)
+    if chunk is not None and chunk < 1:
+        raise CliError(f"--prefill-chunk must be >= 1, got {chunk}", EXIT_USAGE)
     dtype = resolve_dtype(args)
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
@@ -170,9 +173,6 @@ def run_generate(args) -> int:
 
     bar = tqdm(total=max(args.max_new_tokens - 1, 0), desc="decode", unit="tok", file=sys.stderr,
                disable=args.max_new_tokens <= 1 or not sys.stderr.isatty(), leave=False)
-    chunk = getattr(args, "prefill_chunk", None)
-    if chunk is not None and chunk < 1:
-        raise CliError(f"--prefill-chunk must be >= 1, got {chunk}", EXIT_USAGE)
     res = generate(model, prompts, params, keep_prompt_logits=bool(args.logits_out),
                    on_step=lambda n: bar.update(1), prefill_chunk=chunk)
     bar.close()
