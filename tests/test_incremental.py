@@ -101,3 +101,14 @@ def test_sampling_seed_is_reproducible(model):
                                                     seed=12, stop_on_eos=False)).output_ids[0]
     assert a == b
     assert a != c
+
+
+def test_generate_with_chunked_prefill_equals_one_prefill(model):
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(2, model.cfg.vocab_size, n).tolist() for n in (23, 5, 40)]
+    params = SamplingParams(max_new_tokens=4, stop_on_eos=False)
+    one = generate(model, prompts, params, keep_prompt_logits=True)
+    chunked = generate(model, prompts, params, keep_prompt_logits=True, prefill_chunk=7)
+    assert chunked.output_ids == one.output_ids
+    for a, b in zip(chunked.prompt_logits, one.prompt_logits, strict=True):
+        assert _rel(a, b) < TOL
