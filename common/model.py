@@ -293,8 +293,8 @@ class Model:
         p = f"{layer_prefix(cfg, i)}.attn"
         kind, r = cfg.attn_kinds[i], cfg.compress_ratios[i]
         N, H, c, W = x.shape[0], cfg.n_heads, cfg.head_dim, cfg.window
-        if N == 0:  # an idle rank: no attention work (the kernels refuse empty queries, BINDING:1088); x is
-            return x  # [0, dim] like the output
+        if N == 0:  # an idle rank: the kernels refuse empty queries (BINDING:1088); x is [0, dim] like the output
+            return x
         cos, sin = rope["main" if kind == SWA else "compress"]
         qr = B.rms_norm(B.linear(x, w[f"{p}.wq_a.weight"]), w[f"{p}.q_norm.weight"], cfg.norm_eps)
         q = B.rms_norm(B.linear(qr, w[f"{p}.wq_b.weight"]).reshape(N, H, c), None, cfg.norm_eps)
