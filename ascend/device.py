@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from . import soc as socmod
+from . import versions
 
-# CANN custom-op packages the torch backend can lower to, with the torch.ops namespace they register
-# and the module whose import registers it.
-CUSTOM_PACKAGES = {
-    "vllm_ascend": ("_C_ascend", "vllm_ascend.vllm_ascend_C"),
-    "custom_ops": ("custom", "custom_ops"),
-}
-# the custom kernels the torch backend calls (see ascend/custom_standin.py for their semantics)
+# CANN custom-op packages probed (package -> namespace, op module, vendor dir: ascend/versions.py)
+CUSTOM_PACKAGES = versions.CUSTOM_OP_PACKAGES
+# the package whose kernels the torch backend lowers to, and those kernels (ascend/standins/vllm_ascend.py);
+# cann-recipes-infer's `custom` ops share some names but not the binding rules, so they are only reported
+LOWERED_PACKAGE = "vllm_ascend"
 CUSTOM_KERNELS = ("moe_gating_top_k_hash", "npu_hc_pre_v2", "npu_hc_post")
 
 _DEFAULT_CANN_HOMES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/cann/latest")
@@ -39,11 +38,14 @@ class DeviceInfo:
     torch_version: str | None = None
     torch_npu_version: str | None = None
     torch_npu_error: str | None = None  # why torch_npu is unusable (not installed / failed to import)
+    # kept torch_npu schemas that the installed torch_npu registers differently (versions.live_schema_mismatches)
+    torch_npu_schema_mismatches: list[str] = field(default_factory=list)
     npu_count: int = 0
     chip: str | None = None  # e.g. "Ascend910B2", from torch_npu.npu.get_device_name
     soc: str | None = None  # A2 / A3 / 950, from the chip name
     cann_version: str | None = None
     cann_home: str | None = None
+    mindspore_version: str | None = None
     # package -> {"namespace": ..., "kernels": [custom kernels found], "error": ...}
     custom_packages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -78,6 +80,19 @@ def import_torch_npu() -> tuple[Any | None, str | None]:
         return None, _short(e)
 
 
+def require_torch_npu(error: type[Exception] = RuntimeError, purpose: str = "--device npu") -> Any:
+    """torch_npu, imported, on a supported stack (ascend/versions.py); else `error` naming the problem and what
+    to install. The one start-up gate of every NPU path (backend, expert parallelism, distributed init)."""
+    npu, err = import_torch_npu()
+    if npu is None:
+        raise error(f"{purpose} needs torch_npu and CANN ({err}); {versions.INSTALL_HINT}")
+    try:
+        versions.check_stack(getattr(npu, "__version__", None), cann_version()[0])
+    except versions.UnsupportedStack as e:
+        raise error(str(e)) from None
+    return npu
+
+
 def cann_version(env: dict[str, str] | None = None) -> tuple[str | None, str | None]:
     """(version, toolkit home) from ASCEND_TOOLKIT_HOME / ASCEND_HOME_PATH version files, else (None, home)."""
     env = os.environ if env is None else env
@@ -99,32 +114,46 @@ def cann_version(env: dict[str, str] | None = None) -> tuple[str | None, str | N
 
 
 def _probe_custom(package: str, torch_npu_ok: bool) -> dict[str, Any] | None:
-    """Which CUSTOM_KERNELS a custom-op package registers; None when the package is not installed."""
-    namespace, module = CUSTOM_PACKAGES[package]
+    """Which kernels a custom-op package registers (bootstrapped the way its owner does, see
+    versions.import_custom_ops); None when the package is not installed."""
+    pkg = CUSTOM_PACKAGES[package]
     try:
         installed = importlib.util.find_spec(package) is not None
     except Exception:  # noqa: BLE001 - a broken parent package can raise here
         installed = False
     if not installed:
         return None
-    info: dict[str, Any] = {"namespace": namespace, "kernels": [], "error": None}
+    info: dict[str, Any] = {"namespace": pkg.namespace, "kernels": [], "error": None, "schema_mismatches": []}
     if not torch_npu_ok:  # the kernels are NPU code: importing them without torch_npu only fails
         info["error"] = "torch_npu unavailable; kernels not probed"
         return info
-    try:
-        importlib.import_module(module)
-        import torch
+    ok, err = versions.import_custom_ops(pkg)
+    if not ok:
+        info["error"] = err
+        return info
+    import torch
 
-        ns = getattr(torch.ops, namespace)
-        for k in CUSTOM_KERNELS:
-            try:
-                getattr(ns, k)
-                info["kernels"].append(k)
-            except (AttributeError, RuntimeError):
-                pass
-    except Exception as e:  # noqa: BLE001
-        info["error"] = _short(e)
+    from .standins import schema as schemas
+
+    ns = getattr(torch.ops, pkg.namespace)
+    for k in schemas.op_names(pkg.schema_library):
+        try:
+            getattr(ns, k)
+            info["kernels"].append(k)
+        except (AttributeError, RuntimeError):
+            pass
+    info["schema_mismatches"] = versions.live_schema_mismatches(pkg.schema_library, ns)
     return info
+
+
+def _mindspore_version() -> str | None:
+    """The installed MindSpore's version from its metadata (importing it is slow and not needed)."""
+    try:
+        from importlib.metadata import version
+
+        return version("mindspore")
+    except Exception:  # noqa: BLE001 - not installed
+        return None
 
 
 def detect() -> DeviceInfo:
@@ -149,7 +178,11 @@ def detect() -> DeviceInfo:
                 info.soc = socmod.soc_of_chip(info.chip)
         except Exception as e:  # noqa: BLE001 - driver present but no usable device
             info.torch_npu_error = _short(e)
+        supported = versions.supported_torch_npu(info.torch_npu_version)
+        if supported is not None:
+            info.torch_npu_schema_mismatches = versions.live_schema_mismatches("torch_npu", torch.ops.npu, supported)
     info.cann_version, info.cann_home = cann_version()
+    info.mindspore_version = _mindspore_version()
     for pkg in CUSTOM_PACKAGES:
         probed = _probe_custom(pkg, npu is not None)
         if probed is not None:
@@ -158,16 +191,19 @@ def detect() -> DeviceInfo:
 
 
 class RealCustomOps:
-    """The custom kernels of the installed packages, under the names and signatures of `custom_standin`."""
+    """The lowered package's kernels (vllm-ascend `_C_ascend`), under the names of `standins.vllm_ascend`.
+    A kernel whose registered schema differs from the one the lowering was checked against is left out."""
 
     def __init__(self, info: DeviceInfo):
         import torch
 
         self._ops: dict[str, Any] = {}
-        for pkg, probed in info.custom_packages.items():
-            ns = getattr(torch.ops, CUSTOM_PACKAGES[pkg][0])
-            for k in probed.get("kernels", []):
-                self._ops.setdefault(k, getattr(ns, k))
+        probed = info.custom_packages.get(LOWERED_PACKAGE, {})
+        stale = {m.split(":", 1)[0] for m in probed.get("schema_mismatches", [])}
+        ns = getattr(torch.ops, CUSTOM_PACKAGES[LOWERED_PACKAGE].namespace, None)
+        for k in probed.get("kernels", []):
+            if k in CUSTOM_KERNELS and k not in stale and ns is not None:
+                self._ops[k] = getattr(ns, k)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -177,3 +213,6 @@ class RealCustomOps:
 
     def __contains__(self, name: str) -> bool:
         return name in self._ops
+
+    def __bool__(self) -> bool:
+        return bool(self._ops)

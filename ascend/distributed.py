@@ -96,11 +96,9 @@ def init_distributed(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> t
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if device == "npu":
-        try:
-            import torch_npu
-        except Exception as e:  # ImportError, or OSError / RuntimeError from a missing or broken CANN
-            raise SetupError(f"--device npu needs torch_npu and CANN ({type(e).__name__}: {e})") from None
-        torch_npu.npu.set_device(local_rank)
+        from .device import require_torch_npu
+
+        require_torch_npu(SetupError).npu.set_device(local_rank)
         backend = "hccl"
     else:
         backend = "gloo"

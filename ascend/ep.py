@@ -12,7 +12,7 @@ backend. Strategies (vllm-ascend's MoECommType, shared/spec/ascend_ecosystem.md 
 - alltoall: histogram of destination ranks, counts exchange, all_to_all_single of rows / expert ids /
   weights with split sizes, local experts on the received rows, reverse all_to_all_single, sum over k.
 - dispatch_combine: the MC2 pair `npu_moe_distribute_dispatch_v2` / `npu_moe_distribute_combine_v2`
-  (torch_npu on an NPU, `ascend.mc2_standin` over gloo on a CPU), grouped expert GEMM in between.
+  (torch_npu on an NPU, `ascend.standins.mc2` over gloo on a CPU), grouped expert GEMM in between.
 - auto: `ascend.soc.select_moe_comm` per forward call from the largest per-rank token count.
 
 Tensors cross ranks as torch tensors; NumPy activations are wrapped with torch.from_numpy and unwrapped
@@ -34,10 +34,10 @@ from common.parallel import expert_slice, expert_split_error  # noqa: F401  (re-
 
 from . import soc as soc_table
 from . import watchdog
-from .mc2_standin import all_gather_flat, reduce_scatter_flat
+from .standins.mc2 import all_gather_flat, reduce_scatter_flat
 
-STRATEGIES = ("allgather", "alltoall", "dispatch_combine")
-MOE_COMM_CHOICES = ("auto",) + STRATEGIES
+STRATEGIES = soc_table.MOE_COMM_STRATEGIES
+MOE_COMM_CHOICES = soc_table.MOE_COMM_CHOICES
 
 
 class CollectiveError(RuntimeError):
@@ -68,11 +68,9 @@ def failed(what: str, e: BaseException) -> CollectiveError:
 
 
 def _import_torch_npu() -> Any:
-    try:
-        import torch_npu  # noqa: F401  (registers the "npu" device and the hccl backend)
-    except Exception as e:  # ImportError, or OSError / RuntimeError from a missing or broken CANN
-        raise RuntimeError(f"--device npu needs torch_npu and CANN ({type(e).__name__}: {e})") from None
-    return torch_npu
+    from .device import require_torch_npu
+
+    return require_torch_npu(RuntimeError)  # registers the "npu" device and the hccl backend
 
 
 class ExpertParallel:
@@ -116,14 +114,17 @@ class ExpertParallel:
         mc2 = dist.new_group(ranks=ranks, backend="hccl" if device == "npu" else "gloo")
         return cls(group, strategy, soc, device, mc2)
 
-    def choose(self, tokens_per_rank: int, hidden: int, topk: int) -> str:
+    def choose(self, tokens_per_rank: int, hidden: int, topk: int, experts: int | None = None,
+               idle_ranks: int = 0) -> str:
         """The strategy for one MoE call; every rank passes the same (global) numbers, so all agree."""
         if self.strategy == "auto":
-            return soc_table.select_moe_comm(self.soc, self.providers, self.world, tokens_per_rank, hidden, topk)
+            return soc_table.select_moe_comm(self.soc, self.providers, self.world, tokens_per_rank, hidden, topk,
+                                             experts=experts, idle_ranks=idle_ranks)
         if self.strategy == "dispatch_combine" and self.device == "npu":
             try:
                 soc_table.select("moe_comm_dispatch_combine", self.soc, self.providers,
-                                 {"hidden": hidden, "tokens_per_rank": tokens_per_rank, "topk": topk})
+                                 soc_table.moe_comm_call(self.world, tokens_per_rank, hidden, topk, experts,
+                                                         idle_ranks=idle_ranks))
             except soc_table.NoVariant as e:
                 raise ValueError(f"--moe-comm dispatch_combine cannot run this call: {e}; "
                                  f"use --moe-comm auto or alltoall") from None
@@ -135,7 +136,7 @@ class ExpertParallel:
             if self.device == "npu":
                 mod = _import_torch_npu()
             else:
-                from . import npu_standin as mod
+                from .standins import torch_npu as mod
             if hasattr(mod, "npu_moe_distribute_dispatch_v2"):
                 self._mc2 = (mod.npu_moe_distribute_dispatch_v2, mod.npu_moe_distribute_combine_v2, 2)
             else:
@@ -151,7 +152,7 @@ class ExpertParallel:
                 rank = dist.get_rank(self.mc2_group)
                 self._comm_name = self.mc2_group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
             else:
-                from .mc2_standin import register_group
+                from .standins.mc2 import register_group
 
                 self._comm_name = register_group(self.mc2_group)
         return self._comm_name
@@ -211,7 +212,7 @@ class EPBackend:
         tmax = max(counts)
         if tmax == 0:  # no rank has tokens (all idle): nothing to exchange
             return self.inner.zeros((0, hidden))
-        strategy = ep.choose(tmax, hidden, topk)
+        strategy = ep.choose(tmax, hidden, topk, experts.n_experts, sum(c == 0 for c in counts))
         ep.stats[strategy] += 1
         like = (x, ids)
         if strategy == "allgather":

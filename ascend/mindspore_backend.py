@@ -28,6 +28,7 @@ import numpy as np
 
 from ops import BackendUnavailable
 from ops import quant as Q
+from ops.attention_kernels import AttentionKernels
 from ops.contract import ExpertWeights
 from ops.numpy_ref import ATTN_BLOCK, sample_numpy
 
@@ -39,7 +40,7 @@ DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
 # run op by op, because a static graph recompiles for every new shape (0.3-1 s each on CPU)
 JIT_MAX_TOKENS = 16
 
-# (table op, kernel) pairs of provider "mindspore" that this backend implements (the `has_kernel` of select);
+# (table op, kernel) pairs of provider "mindspore" that this backend implements (the `kernel_problem` of select);
 # table rows of provider "mindspore" not listed here fall through to the composed variant
 MS_KERNELS = {
     ("rms_norm", "RmsNorm"),
@@ -80,6 +81,13 @@ def _start_runtime(device: str, threads: int, sync_launch: bool) -> tuple[Any, A
         import mindspore as ms
     except Exception as e:  # noqa: BLE001 - a broken install fails with ImportError, OSError, RuntimeError
         raise BackendUnavailable(f"mindspore failed to import ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+    if device != "cpu":
+        # the Ascend primitives' signatures and limits (MC2 in the SoC table) were read from this release
+        from . import versions
+
+        if not versions.mindspore_supported(ms.__version__):
+            raise BackendUnavailable(f"mindspore {ms.__version__} is not supported on Ascend (supported: "
+                                     f"{', '.join(versions.MINDSPORE_SUPPORTED)}); {INSTALL_HINT}")
     ms.set_device(DEVICES[device])
     if device == "cpu":
         if sync_launch:
@@ -144,7 +152,7 @@ class _W4A8:
         self.source = w
 
 
-class MindSporeBackend:
+class MindSporeBackend(AttentionKernels):
     """The op contract on MindSpore tensors (`device` "cpu" or "ascend").
 
     jit: compile the static-shape kernels of `ms_kernels.JITTABLE` with `mindspore.jit` for calls of at most
@@ -163,7 +171,8 @@ class MindSporeBackend:
         self.device = device
         self._ms, self._k = _start_runtime(device, threads, sync_launch)
         ms = self._ms
-        self._dtypes = {"float32": ms.float32, "int64": ms.int64, "int32": ms.int32, "bool": ms.bool_}
+        self._dtypes = {"float32": ms.float32, "int64": ms.int64, "int32": ms.int32, "bool": ms.bool_,
+                        "int8": ms.int8, "float16": ms.float16}
         self.soc = soc or (_ascend_soc(ms) if device == "ascend" else None)
         self.providers = (socmod.MINDSPORE, socmod.COMPOSED) if device == "ascend" else (socmod.COMPOSED,)
         self.jit = jit
@@ -189,7 +198,8 @@ class MindSporeBackend:
     # ---- variant selection ---------------------------------------------------------------------------------------
     def _select(self, op: str, table_op: str, call: dict | None = None) -> socmod.Variant:
         v = socmod.select(table_op, self.soc or socmod.A2, self.providers, call,
-                          has_kernel=lambda var: (table_op, var.kernel) in MS_KERNELS)
+                          kernel_problem=lambda var: None if (table_op, var.kernel) in MS_KERNELS
+                          else "not implemented by this backend")
         self._variants[op] = v.provider if v.provider == socmod.COMPOSED else f"{v.provider}:{v.kernel}"
         return v
 

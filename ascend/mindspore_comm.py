@@ -99,24 +99,32 @@ def moe_alltoall(B: Any, comm: Any, x: Any, weights: Any, ids: Any, experts: Exp
 
 # ---- dispatch / combine (MC2) ------------------------------------------------------------------------------------
 def moe_dispatch_combine(B: Any, comm: Any, x: Any, weights: Any, ids: Any, experts: ExpertWeights,
-                         limit: float, max_tokens: int) -> Any:
+                         limit: float, max_tokens: int, min_tokens: int | None = None) -> Any:
     """MoeDistributeDispatch -> local experts -> MoeDistributeCombine (bfloat16 rows, as the kernels take).
-    A rank with no tokens sends one masked-out dummy row (x_active_mask), since the kernels need BS >= 1;
-    global_bs = the group's largest BS x ranks, which the kernels require when ranks' BS differ."""
+
+    The MindSpore 2.10 docstrings (ops.auto_generate moe_distribute_dispatch): x_active_mask is reserved, so
+    every rank needs BS >= 1 (the SoC table sends a call with an idle rank to all-to-all); global_bs is
+    256 * ep_world_size on 910B when ranks' BS differ, 0 or BS * ep_world_size when equal; expert_scales is
+    unsupported by dispatch on 910_93 (combine still weights by it)."""
     ms = B._ms
-    T, D = int(x.shape[0]), int(x.shape[1])
-    active = None
+    T = int(x.shape[0])
     if T == 0:
-        x = ms.ops.zeros((1, D), ms.float32)
-        ids = ms.ops.zeros((1, int(ids.shape[1])), ms.int64)
-        weights = ms.ops.zeros((1, int(ids.shape[1])), ms.float32)
-        active = B.from_numpy(np.zeros(1, dtype=bool))
+        raise ValueError("MindSpore MoeDistributeDispatch needs BS >= 1 on every rank (x_active_mask is reserved)")
+    uniform = min_tokens is not None and min_tokens == max_tokens
+    if uniform:
+        global_bs = max_tokens * comm.size
+    elif B.soc == socmod.A2:
+        global_bs = 256 * comm.size
+    else:
+        global_bs = max_tokens * comm.size
     common = dict(ep_world_size=comm.size, ep_rank_id=comm.rank, moe_expert_num=experts.n_experts,
-                  group_ep=comm.group, global_bs=max(max_tokens, 1) * comm.size)
+                  group_ep=comm.group, global_bs=global_bs)
+    dispatch_scales = None if B.soc == socmod.A3 else weights
+    active = None
     # outputs (CANN aclnnMoeDistributeDispatch): expand_x, dynamic_scales, expand_idx, expert_token_nums,
     # ep_recv_counts, tp_recv_counts, expand_scales
     expand_x, _, expand_idx, token_nums, ep_recv, tp_recv, expand_scales = ms.ops.moe_distribute_dispatch(
-        x.astype(ms.bfloat16), ids.astype(ms.int32), expert_scales=weights, x_active_mask=active,
+        x.astype(ms.bfloat16), ids.astype(ms.int32), expert_scales=dispatch_scales, x_active_mask=active,
         expert_token_nums_type=1, **common)  # 1: counts per local expert, not a cumsum
     counts = B.to_numpy(token_nums).astype(np.int64)
     rows = expand_x.astype(ms.float32)
@@ -166,9 +174,11 @@ class MindSporeEP:
         # every rank must take the same strategy: decide on the largest token count of the group
         T, k = (int(s) for s in ids.shape)
         tokens = self.max_int(T, B)
-        strategy = socmod.select_moe_comm(B.soc, B.providers, self.size, tokens, int(x.shape[1]), k)
+        fewest = -self.max_int(-T, B)  # x_active_mask is reserved in MindSpore 2.10: an idle rank rules MC2 out
+        strategy = socmod.select_moe_comm(B.soc, B.providers, self.size, tokens, int(x.shape[1]), k,
+                                          experts=experts.n_experts, idle_ranks=int(fewest == 0))
         B._variants["moe_comm"] = strategy
         self.strategies[strategy] = self.strategies.get(strategy, 0) + 1
         if strategy == "dispatch_combine":
-            return moe_dispatch_combine(B, self, x, weights, ids, experts, limit, tokens)
+            return moe_dispatch_combine(B, self, x, weights, ids, experts, limit, tokens, fewest)
         return moe_alltoall(B, self, x, weights, ids, experts, limit)

@@ -1,8 +1,11 @@
 """A model directory's safetensors (single file or sharded with an index), read into official names.
 
 `Checkpoint` maps every tensor lazily; `load_weights` checks names and shapes against the config and
-returns float32 arrays keyed by official name. float32 tensors stay zero-copy views of the file map;
-bf16/fp16 are widened once; fused transformers expert tensors become per-expert views.
+returns floating arrays keyed by official name: float32 for the NumPy reference (float32 tensors stay
+zero-copy views of the file map, bf16/fp16 are widened once), or a device dtype (`float_dtype` bfloat16 /
+float16: tensors stored in it stay zero-copy views, release FP8/FP4 is dequantized one tensor at a time
+straight to it, and the roles the release keeps in float32 stay float32, see `names.device_dtype`). Fused
+transformers expert tensors become per-expert views.
 """
 
 from __future__ import annotations
@@ -121,6 +124,19 @@ def check_finite(a: np.ndarray, where: object, name: str) -> None:
                               f"(NaN/Inf) of {a.size}; the checkpoint is corrupt")
 
 
+def float_dtype_np(dtype: str) -> np.dtype:
+    """The numpy dtype of a float dtype name (float32, bfloat16, float16)."""
+    from .safetensors_io import DTYPES
+
+    return DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]]
+
+
+def as_float(a: np.ndarray, dtype: str) -> np.ndarray:
+    """`a` in the named float dtype, with no copy when it is stored that way."""
+    want = float_dtype_np(dtype)
+    return a if a.dtype == want else a.astype(want)
+
+
 class Weights(dict):
     """Official name -> array. Routed experts are stored per expert under their official names."""
 
@@ -156,9 +172,11 @@ def lookup(ckpt: Checkpoint, resolved: dict[str, tuple[str, object]], name: str)
     return resolved[name]
 
 
-def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tuple[int, ...]):
-    """A weight stored with a sibling scale: release FP8/FP4 are dequantized here; converted W8A8/W4A8 stay
-    integer objects that run with the NPU's arithmetic."""
+def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tuple[int, ...],
+               float_dtype: str = "float32"):
+    """A weight stored with a sibling scale: release FP8/FP4 are dequantized here (to `float_dtype`; the
+    float32 intermediate is this one tensor's); converted W8A8/W4A8 stay integer objects that run with the
+    NPU's arithmetic."""
     from ops import quant
 
     info, sinfo = ckpt.info(cname), ckpt.info(scname)
@@ -169,15 +187,19 @@ def _quantized(ckpt: Checkpoint, name: str, cname: str, scname: str, shape: tupl
         obj = quant.from_storage(fmt, ckpt.get(cname), ckpt.get(scname), **kw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{info.file}: tensor {name!r}: {e}") from None
-    return obj.dequantize() if fmt in quant.RELEASE_FORMATS else obj
+    return as_float(obj.dequantize(), float_dtype) if fmt in quant.RELEASE_FORMATS else obj
 
 
-def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | None = None) -> Weights:
+def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | None = None,
+                 float_dtype: str = "float32") -> Weights:
     """Check every expected tensor exists with the right shape; return weights by official name.
 
-    Floating tensors become float32 arrays (zero-copy when stored as float32); quantized ones are
-    read through `ops.quant` (see `_quantized`).
+    Floating tensors become float32 arrays (zero-copy when stored as float32), or with `float_dtype`
+    bfloat16 / float16 the device form of `names.device_dtype`; quantized ones are read through `ops.quant`
+    (see `_quantized`).
     """
+    if float_dtype not in names.FLOAT_DTYPES:
+        raise ValueError(f"float_dtype must be one of {', '.join(names.FLOAT_DTYPES)}, got {float_dtype!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     resolved = resolve_names(ckpt)
     w = Weights()
@@ -197,7 +219,8 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
             sname = names.scale_name(name)
             if sname in resolved:
                 used.add(resolved[sname][0])
-                w[name] = _quantized(ckpt, name, cname, resolved[sname][0], shape)
+                w[name] = _quantized(ckpt, name, cname, resolved[sname][0], shape,
+                                     names.device_dtype(name, float_dtype))
                 continue
             if info.shape != shape:
                 raise CheckpointError(f"{info.file}: tensor {shown(name, cname)} has shape {list(info.shape)}, "
@@ -208,7 +231,7 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
                                       f"without a scale tensor {sname!r}")
             if kind == "f":
                 check_finite(arr, info.file, shown(name, cname))
-            w[name] = arr.astype(np.int64) if kind == "i" else _float32(arr)
+            w[name] = arr.astype(np.int64) if kind == "i" else as_float(arr, names.device_dtype(name, float_dtype))
             continue
         e, which = sel
         I, d = cfg.moe_inter_dim, cfg.dim
@@ -217,7 +240,7 @@ def load_weights(cfg: ModelConfig, ckpt: Checkpoint, log=None, experts: range | 
             raise CheckpointError(f"{info.file}: tensor {cname!r} has shape {list(info.shape)}, expected {list(want)}")
         if cname not in fused_cache:
             check_finite(ckpt.get(cname), info.file, cname)
-            fused_cache[cname] = _float32(ckpt.get(cname))
+            fused_cache[cname] = as_float(ckpt.get(cname), names.device_dtype(name, float_dtype))
         full = fused_cache[cname]
         w[name] = full[e, :I] if which == "w1" else full[e, I:] if which == "w3" else full[e]
 

@@ -115,10 +115,27 @@ class SharedDraws:
         return self.u
 
 
+def prefill(model: Model, caches: list, prompts: list[list[int]], all_logits: bool, chunk: int | None) -> list:
+    """Run the prompts into their caches, `chunk` tokens per sequence per forward call (None: one call);
+    -> per prompt its logits (all rows with `all_logits`, else the last row)."""
+    if not chunk:
+        return model.forward(caches, prompts, all_logits=all_logits).logits
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    parts: list[list] = [[] for _ in prompts]
+    for a in range(0, max(len(p) for p in prompts), chunk):
+        live = [i for i, p in enumerate(prompts) if len(p) > a]
+        out = model.forward([caches[i] for i in live], [prompts[i][a:a + chunk] for i in live], all_logits=all_logits)
+        for j, i in enumerate(live):
+            parts[i].append(out.logits[j])
+    return [model.B.cat(p) if all_logits else p[-1] for p in parts]
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
              keep_prompt_logits: bool = False, on_step: Callable[[int], None] | None = None,
-             ranks: Ranks | None = None) -> GenerationResult | None:
-    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress).
+             ranks: Ranks | None = None, prefill_chunk: int | None = None) -> GenerationResult | None:
+    """Generate for several prompts at once. `on_step(n)` is called after each decode step (progress);
+    `prefill_chunk` feeds the prompts in chunks of that many tokens (chunked prefill, single process).
 
     With `ranks` (data-parallel hooks) every process runs its own prompts in lockstep: MoE layers are
     collectives, so each runs one prefill and then decode steps while ANY process still has an active sequence
@@ -128,6 +145,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     others."""
     B = model.B
     ranks = ranks or Ranks()
+    if prefill_chunk and ranks.world > 1:  # ranks prefilling different chunk counts would desynchronise the MoE
+        raise ValueError("chunked prefill (prefill_chunk) runs in a single process only")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -160,10 +179,11 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
 
     ranks.before_step(0)
     t0 = time.perf_counter()
-    out = model.forward([caches[i] for i in mine], [prompts[i] for i in mine], all_logits=keep_prompt_logits)
-    prompt_logits = ({i: B.to_numpy(lg) for i, lg in zip(mine, out.logits, strict=True)} if keep_prompt_logits
+    logits = prefill(model, [caches[i] for i in mine], [prompts[i] for i in mine], keep_prompt_logits,
+                     prefill_chunk)
+    prompt_logits = ({i: B.to_numpy(lg) for i, lg in zip(mine, logits, strict=True)} if keep_prompt_logits
                      else None)
-    nxt = sample([lg[-1:] for lg in out.logits], list(range(n)), mine) if params.max_new_tokens else []
+    nxt = sample([lg[-1:] for lg in logits], list(range(n)), mine) if params.max_new_tokens else []
     t1 = time.perf_counter()
 
     active = list(mine)

@@ -72,24 +72,22 @@ def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[
 
 
 def load_model(spec: str, log=None, experts: range | None = None, rank: int | None = None,
-               world: int | None = None) -> LoadedModel:
+               world: int | None = None, float_dtype: str = "float32") -> LoadedModel:
     """Config, weights and tokenizer for a directory or preset; `experts` keeps only that slice of the
     routed experts (an expert-parallel rank's share). A `dsv4 convert --ep N` output is read through
-    rank `rank`'s index when given (each rank maps only its own experts), else through all of them."""
+    rank `rank`'s index when given (each rank maps only its own experts), else through all of them.
+    `float_dtype` is the form floating weights are handed over in (float32 for the NumPy reference; a device
+    dtype keeps bf16 / int8 / int4 as stored, see `checkpoint.load_weights`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cfg, preset = model_config(spec, need_weights=True)
     if preset is not None:
         from .presets import random_weights
 
-        weights = random_weights(cfg, int(preset.get("seed", 0)), with_mtp=True)
-        if experts is not None:
-            from .names import parse_expert
-
-            for k in [k for k in weights if (pe := parse_expert(k)) is not None and pe[1] not in experts]:
-                del weights[k]
+        weights = random_weights(cfg, int(preset.get("seed", 0)), with_mtp=True, float_dtype=float_dtype,
+                                 experts=experts)
         tok = preset.get("tokenizer")
         tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
     ckpt = Checkpoint(spec, split_indexes(Path(spec), rank, world))
-    weights = load_weights(cfg, ckpt, log, experts)
+    weights = load_weights(cfg, ckpt, log, experts, float_dtype)
     return LoadedModel(cfg, weights, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec), ckpt)

@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ops import Backend, ExpertWeights
+import numpy as np
 
-from .cache import CompressorState, SequenceCache, new_sequence_cache
-from .config import CSA, SWA, ModelConfig
+from ops import Backend, ExpertWeights
+from ops.attention_kernels import SLOT_FLAT
+
+from .config import CSA, CSA_RATIO, SWA, ModelConfig
 from .names import expert_name, layer_prefix
+from .paged_cache import MAIN, MTP, PagedCacheManager, SequenceCache, coff
 from .rope import layer_inv_freqs
 
 
@@ -31,6 +34,24 @@ class Segment:
 
 
 @dataclass
+class BatchMeta:
+    """What the attention kernels take for one forward call of one layer group (host int arrays turned
+    into backend tensors once per call, as vllm-ascend's metadata builder does per step)."""
+
+    group: str
+    n_tokens: int
+    cu_seqlens: Any  # int32 [B+1]
+    start_pos: Any  # int32 [B]
+    seqused_kv: Any  # int32 [B]: tokens of each sequence after this call
+    swa_slots: Any  # int32 [T]: flat slot of each new token in the SWA cache
+    tables: dict[str, Any]  # kind -> int32 block table [B, n]
+    max_len: int
+    n_seqs: int
+    sas_meta: dict[int, Any]  # ratio -> sparse_attn_sharedkv metadata
+    qli_meta: Any = None
+
+
+@dataclass
 class ForwardOutput:
     logits: list[Any]  # per sequence: [rows, vocab] (all prompt rows, or the last row)
     hidden: Any | None = None  # packed final streams [N, hc, d] before hc_head (input of MTP)
@@ -38,9 +59,11 @@ class ForwardOutput:
 
 class Model:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Any], backend: Backend, mtp: bool | None = None,
-                 expert_range: tuple[int, int] | None = None):
+                 expert_range: tuple[int, int] | None = None, block_size: int = 16,
+                 num_blocks: int | dict[str, int] | None = None):
         """`expert_range` = (first, count): the routed experts this rank holds (expert parallelism); the
-        weights need only those experts."""
+        weights need only those experts. `block_size` / `num_blocks` shape the paged caches (None: pools
+        grow on demand)."""
         self.cfg = cfg
         self.B = backend
         self.expert_range = expert_range or (0, cfg.n_routed_experts)
@@ -51,6 +74,16 @@ class Model:
         n = cfg.n_total_layers if self.mtp_enabled else cfg.n_layers
         self.experts = [self._experts(i) for i in range(n)]
         self._enter_scope = getattr(backend, "enter_scope", None)
+        # window keys and compressed entries in the backend's activation dtype (bf16 on a device, as the
+        # official kv cache); compressor state float32 (compressor README: kv_state / score_state FLOAT32)
+        # indexer keys: int8 + per-key scale where the backend's indexer kernel takes them (vllm-ascend A2/A3),
+        # else the activation dtype (the reference: float32, exact)
+        key_dtype = getattr(backend, "index_key_dtype", None)
+        self.index_int8 = key_dtype is not None and key_dtype(cfg) == "int8"
+        self.caches = PagedCacheManager(cfg, backend, self.mtp_enabled, block_size, num_blocks,
+                                        index_quant=self.index_int8,
+                                        kv_dtype=getattr(backend, "act_dtype", "float32"))
+        self._rope_tab: tuple[int, Any, Any] = (0, None, None)
 
     # ---- weights ---------------------------------------------------------------------------
     def _experts(self, layer: int) -> ExpertWeights:
@@ -60,7 +93,7 @@ class Model:
         return ExpertWeights(*get, n_experts=self.cfg.n_routed_experts, first=first, count=count)
 
     def new_cache(self) -> SequenceCache:
-        return new_sequence_cache(self.cfg, self.B, self.mtp_enabled)
+        return self.caches.new_sequence()
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, caches: Sequence[SequenceCache], ids: Sequence[Any], all_logits: bool = False,
@@ -70,16 +103,18 @@ class Model:
         segs, flat_ids = self._pack(caches, ids, "pos")
         tok = B.from_numpy(flat_ids)
         rope = self._rope(segs)
+        meta = self._meta(segs, MAIN)
         self._scope("embed")
         h = B.embedding(tok, self.w["embed.weight"])
         x = B.cat([h[:, None, :]] * cfg.hc_mult, axis=1)
         for i in range(cfg.n_layers):
-            x = self._block(i, x, tok, segs, rope)
+            x = self._block(i, x, tok, segs, rope, meta)
         rows = self._rows(segs, all_logits)
         self._scope("head")
         logits = self._head(self._take_rows(x, rows), "")
         for s in segs:
             s.cache.pos = s.pos0 + (s.b - s.a)
+            self.caches.trim(s.cache, MAIN)
         return ForwardOutput(self._split(logits, segs, all_logits), x if keep_hidden else None)
 
     def mtp_forward(self, caches: Sequence[SequenceCache], hidden: Any, next_ids: Sequence[Any],
@@ -93,15 +128,17 @@ class Model:
         segs, flat_ids = self._pack(caches, next_ids, "mtp_pos")
         tok = B.from_numpy(flat_ids)
         rope = self._rope(segs)
+        meta = self._meta(segs, MTP)
         e = B.rms_norm(B.embedding(tok, w["embed.weight"]), w[f"{p}.enorm.weight"], cfg.norm_eps)
         hn = B.rms_norm(hidden, w[f"{p}.hnorm.weight"], cfg.norm_eps)
         x = B.linear(e, w[f"{p}.e_proj.weight"])[:, None, :] + B.linear(hn, w[f"{p}.h_proj.weight"])
-        x = self._block(layer, x, tok, segs, rope)
+        x = self._block(layer, x, tok, segs, rope, meta)
         rows = self._rows(segs, all_logits)
         self._scope(f"{p}.head")
         logits = self._head(self._take_rows(x, rows), f"{p}.")
         for s in segs:
             s.cache.mtp_pos = s.pos0 + (s.b - s.a)
+            self.caches.trim(s.cache, MTP)
         return self._split(logits, segs, all_logits)
 
     # ---- pieces ----------------------------------------------------------------------------
@@ -155,7 +192,7 @@ class Model:
         if self._enter_scope is not None:
             self._enter_scope(name)
 
-    def _block(self, i, x, tok, segs, rope):
+    def _block(self, i, x, tok, segs, rope, meta):
         B, cfg, w = self.B, self.cfg, self.w
         p = layer_prefix(cfg, i)
         for sub in ("attn", "ffn"):
@@ -163,7 +200,7 @@ class Model:
             y, post, comb = B.hc_pre(x, w[f"{p}.hc_{sub}_fn"], w[f"{p}.hc_{sub}_scale"], w[f"{p}.hc_{sub}_base"],
                                      cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
             y = B.rms_norm(y, w[f"{p}.{sub}_norm.weight"], cfg.norm_eps)
-            out = self._attention(i, y, segs, rope) if sub == "attn" else self._moe(i, y, tok)
+            out = self._attention(i, y, rope, meta) if sub == "attn" else self._moe(i, y, tok)
             x = B.hc_post(out, x, post, comb)
         return x
 
@@ -180,88 +217,115 @@ class Model:
             y = y + B.swiglu_mlp(x, w[f"{s}.w1.weight"], w[f"{s}.w3.weight"], w[f"{s}.w2.weight"], cfg.swiglu_limit)
         return y
 
-    def _compress(self, st: CompressorState, kv, score, p: str) -> Any:
-        """Feed projected rows into a compressor; return the entries of the groups they close (or None)."""
-        B, cfg, w = self.B, self.cfg, self.w
-        r, c = st.ratio, st.width
-        T = kv.shape[0]
-        total = st.buf_len + T
-        G = total // r
-        if G == 0:
-            st.buf_kv[st.buf_len:total] = kv
-            st.buf_score[st.buf_len:total] = score
-            st.buf_len = total
-            return None
-        rows_kv = B.cat([st.buf_kv[:st.buf_len], kv]) if st.buf_len else kv
-        rows_sc = B.cat([st.buf_score[:st.buf_len], score]) if st.buf_len else score
-        full_kv = rows_kv[:G * r].reshape(G, r, -1)
-        full_sc = rows_sc[:G * r].reshape(G, r, -1) + w[f"{p}.ape"][None]
-        rem = total - G * r
-        st.buf_kv[:rem] = rows_kv[G * r:]
-        st.buf_score[:rem] = rows_sc[G * r:]
-        st.buf_len = rem
-        if st.overlap:
-            # entry g pools group g-1's first half with group g's second half (2r candidates per feature)
-            prev_kv = B.cat([st.prev_kv[None], full_kv[:-1, :, :c]], axis=0)
-            prev_sc = B.cat([st.prev_score[None], full_sc[:-1, :, :c]], axis=0)
-            st.prev_kv[:] = full_kv[-1, :, :c]
-            st.prev_score[:] = full_sc[-1, :, :c]
-            cand_kv = B.cat([prev_kv, full_kv[:, :, c:]], axis=1)
-            cand_sc = B.cat([prev_sc, full_sc[:, :, c:]], axis=1)
-        else:
-            cand_kv, cand_sc = full_kv, full_sc
-        ent = B.compress(cand_kv, cand_sc)
-        ent = B.rms_norm(ent, w[f"{p}.norm.weight"], cfg.norm_eps)
-        pos = B.arange(st.n_emitted, st.n_emitted + G) * r  # an entry sits at its group's first token
-        cos, sin = B.rope_freqs(pos, self.inv_freq["compress"])
-        st.n_emitted += G
-        return B.rope(ent, cos, sin)
+    # ---- paged-cache metadata -------------------------------------------------------------------------
+    def _meta(self, segs, group: str) -> BatchMeta:
+        """Allocate the blocks this call writes and build the kernels' integer arguments."""
+        B, cfg, mgr = self.B, self.cfg, self.caches
+        for s in segs:
+            mgr.allocate(s.cache, group, s.b - s.a)
+        seqs = [s.cache for s in segs]
+        n = [s.b - s.a for s in segs]
+        cu = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+        start = np.asarray([s.pos0 for s in segs], dtype=np.int32)
+        used = start + np.asarray(n, dtype=np.int32)
+        slots = [mgr.slots(s.cache, group, "swa", np.arange(s.pos0, s.pos0 + s.b - s.a)) for s in segs]
+        swa_slots = np.concatenate(slots).astype(np.int32) if slots else np.zeros(0, np.int32)
+        tables = {k: B.from_numpy(mgr.block_table(seqs, group, k)) for k in mgr.kinds_of_group(group)}
+        max_q, max_kv = (max(n), int(used.max())) if segs else (0, 0)
+        layers = [i for i in range(mgr.n_layers) if (i < cfg.n_layers) == (group == MAIN)]
+        ratios = sorted({cfg.compress_ratios[i] for i in layers})
+        cu_t, used_t = B.from_numpy(cu), B.from_numpy(used)
+        sas = {r: B.sparse_attn_sharedkv_metadata(
+            num_heads_q=cfg.n_heads, num_heads_kv=1, head_dim=cfg.head_dim, cu_seqlens_q=cu_t, seqused_kv=used_t,
+            batch_size=len(segs), max_seqlen_q=max_q, max_seqlen_kv=max_kv,
+            cmp_topk=cfg.index_topk if r == CSA_RATIO else 0, cmp_ratio=max(r, 1),
+            ori_win_left=cfg.window - 1, layout_q="TND", layout_kv="PA_ND", has_cmp_kv=r > 0) for r in ratios}
+        qli = None
+        if any(cfg.attn_kinds[i] == CSA for i in layers):
+            r = next(cfg.compress_ratios[i] for i in layers if cfg.attn_kinds[i] == CSA)
+            qli = B.quant_lightning_indexer_metadata(
+                num_heads_q=cfg.index_n_heads, num_heads_k=1, head_dim=cfg.index_head_dim, query_quant_mode=0,
+                key_quant_mode=0, actual_seq_lengths_query=B.from_numpy(cu[1:]), actual_seq_lengths_key=used_t,
+                batch_size=len(segs), max_seqlen_q=max_q, max_seqlen_k=max_kv, layout_query="TND",
+                layout_key="PA_BSND", sparse_count=cfg.index_topk, sparse_mode=3, cmp_ratio=r)
+        return BatchMeta(group, int(cu[-1]), cu_t, B.from_numpy(start), used_t, B.from_numpy(swa_slots), tables,
+                         max_kv, len(segs), sas, qli)
 
-    def _attention(self, i, x, segs, rope):
-        B, cfg, w = self.B, self.cfg, self.w
+    def _rope_table(self, n: int) -> tuple[Any, Any]:
+        """Full compress-RoPE table [P >= n, rope_dim] (rotate-half layout: each pair's angle for both halves),
+        what compressor_metadata selects entry rows from (vllm-ascend get_full_cos_and_sin_dsa)."""
+        P, cos, sin = self._rope_tab
+        if n > P:
+            B = self.B
+            P = max(n, 2 * P, 256)
+            c, s = B.rope_freqs(B.arange(0, P), self.inv_freq["compress"])
+            cos, sin = B.cat([c, c], axis=1), B.cat([s, s], axis=1)
+            self._rope_tab = (P, cos, sin)
+        return cos, sin
+
+    def _compressor(self, i: int, x, meta: BatchMeta, p: str, kind: str, width_kind: str):
+        """One compressor (attention or indexer) over the packed batch: entries of closed groups land in the
+        `width_kind` cache (kv{r} or idx{r})."""
+        B, cfg, w, mgr = self.B, self.cfg, self.w, self.caches
+        r = cfg.compress_ratios[i]
+        state = "idx_state" if width_kind.startswith("idx") else "state"
+        cos_t, sin_t = self._rope_table(max(meta.max_len, 1))
+        n_rows = min(meta.n_tokens, meta.n_tokens // r + meta.n_seqs)
+        ccos, csin, slots = B.compressor_metadata(cos_t, sin_t, meta.cu_seqlens, meta.start_pos,
+                                                  meta.tables[f"{width_kind}{r}"], mgr.bs, SLOT_FLAT, r, n_rows,
+                                                  meta.n_seqs)
+        R = cfg.rope_dim
+        ccos, csin = ccos.reshape(n_rows, R), csin.reshape(n_rows, R)  # TND: rope rows 2-D like x (BINDING:857)
+        ent = B.compressor(x, w[f"{p}.wkv.weight"], w[f"{p}.wgate.weight"], mgr.cache(i, f"{state}{r}"),
+                           w[f"{p}.ape"], w[f"{p}.norm.weight"], csin, ccos, meta.tables[f"{state}{r}"],
+                           meta.cu_seqlens, None, meta.start_pos, cfg.rope_dim, r,
+                           2 if width_kind.startswith("idx") else coff(kind), cfg.norm_eps, 2, 1)
+        if width_kind == "idx" and self.index_int8:
+            # A2/A3 (vllm-ascend device_op.indexer_quant_scatter): per-key int8 + scale, both scattered
+            kq, ks = B.dynamic_quant(ent)
+            B.scatter_update(mgr.cache(i, f"idx{r}"), slots, kq)
+            B.scatter_update(mgr.cache(i, f"idx_scale{r}"), slots, ks.reshape(n_rows, 1))
+        else:
+            B.scatter_update(mgr.cache(i, f"{width_kind}{r}"), slots, ent)
+
+    def _attention(self, i, x, rope, meta: BatchMeta):
+        B, cfg, w, mgr = self.B, self.cfg, self.w, self.caches
         p = f"{layer_prefix(cfg, i)}.attn"
         kind, r = cfg.attn_kinds[i], cfg.compress_ratios[i]
         N, H, c, W = x.shape[0], cfg.n_heads, cfg.head_dim, cfg.window
+        if N == 0:  # an idle rank: the kernels refuse empty queries (BINDING:1088); x is [0, dim] like the output
+            return x
         cos, sin = rope["main" if kind == SWA else "compress"]
         qr = B.rms_norm(B.linear(x, w[f"{p}.wq_a.weight"]), w[f"{p}.q_norm.weight"], cfg.norm_eps)
         q = B.rms_norm(B.linear(qr, w[f"{p}.wq_b.weight"]).reshape(N, H, c), None, cfg.norm_eps)
         q = B.rope(q, cos, sin)
         kv = B.rope(B.rms_norm(B.linear(x, w[f"{p}.wkv.weight"]), w[f"{p}.kv_norm.weight"], cfg.norm_eps), cos, sin)
+        swa = mgr.cache(i, "swa")
+        B.scatter_update(swa, meta.swa_slots, kv)  # the window keys are in the cache before attention reads it
+        cmp_kv = cmp_table = sel = None
         if kind != SWA:
-            ckv = B.linear(x, w[f"{p}.compressor.wkv.weight"])
-            csc = B.linear(x, w[f"{p}.compressor.wgate.weight"])
+            self._compressor(i, x, meta, f"{p}.compressor", kind, "kv")
+            cmp_kv, cmp_table = mgr.cache(i, f"kv{r}"), meta.tables[f"kv{r}"]
         if kind == CSA:
             Hi, ci = cfg.index_n_heads, cfg.index_head_dim
             iq = B.rope(B.linear(qr, w[f"{p}.indexer.wq_b.weight"]).reshape(N, Hi, ci), cos, sin)
-            iw = B.linear(x, w[f"{p}.indexer.weights_proj.weight"]) * (Hi ** -0.5)
-            ikv = B.linear(x, w[f"{p}.indexer.compressor.wkv.weight"])
-            isc = B.linear(x, w[f"{p}.indexer.compressor.wgate.weight"])
-        sinks = w[f"{p}.attn_sink"]
-        outs = []
-        for s in segs:
-            lc = s.cache.layers[i]
-            a, b, pos0 = s.a, s.b, s.pos0
-            qpos = rope["pos"][a:b]
-            # ring entries the first new query can still see: positions (pos0 - W, pos0)
-            old = B.arange(max(0, pos0 - W + 1), pos0)
-            keys = B.cat([lc.window_kv[old % W], kv[a:b]])
-            kpos = B.cat([old, qpos])
-            comp, sel = None, None
-            if kind != SWA:
-                ent = self._compress(lc.comp, ckv[a:b], csc[a:b], f"{p}.compressor")
-                if ent is not None:
-                    lc.comp_kv.append(ent)
-                comp = lc.comp_kv.view()
-            if kind == CSA:
-                ient = self._compress(lc.index_comp, ikv[a:b], isc[a:b], f"{p}.indexer.compressor")
-                if ient is not None:
-                    lc.index_kv.append(ient)
-                sel = B.indexer_topk(iq[a:b], iw[a:b], lc.index_kv.view(), qpos, r, cfg.index_topk,
-                                     cfg.index_head_dim ** -0.5)
-            outs.append(B.sparse_attention(q[a:b], qpos, keys, kpos, W, comp, r, sel, sinks, c ** -0.5))
-            keep = min(b - a, W)
-            lc.window_kv[qpos[b - a - keep:] % W] = kv[b - keep:b]
-        o = B.rope(B.cat(outs) if outs else q, cos, sin, inverse=True)
+            # the kernel has no scale argument: 1/sqrt(heads) and the softmax scale ride on the weights
+            iw = B.linear(x, w[f"{p}.indexer.weights_proj.weight"]) * (Hi ** -0.5 * ci ** -0.5)
+            self._compressor(i, x, meta, f"{p}.indexer.compressor", kind, "idx")
+            qs = ks = None
+            if self.index_int8:  # query per token-head int8 (device_op.indexer_quantize_query)
+                iq, qs = B.dynamic_quant(iq)
+                ks = mgr.cache(i, f"idx_scale{r}")
+            sel, _ = B.lightning_indexer(iq, mgr.cache(i, f"idx{r}"), iw, qs, ks, 0, 0,
+                                         meta.cu_seqlens[1:], meta.seqused_kv, meta.tables[f"idx{r}"],
+                                         meta.qli_meta, "TND", "PA_BSND", cfg.index_topk, 3, cmp_ratio=r)
+        o, _ = B.sparse_attn_sharedkv(
+            q, ori_kv=swa, cmp_kv=cmp_kv, cmp_sparse_indices=sel, ori_block_table=meta.tables["swa"],
+            cmp_block_table=cmp_table, cu_seqlens_q=meta.cu_seqlens, seqused_kv=meta.seqused_kv,
+            sinks=w[f"{p}.attn_sink"], metadata=meta.sas_meta[r], softmax_scale=c ** -0.5, cmp_ratio=max(r, 1),
+            ori_mask_mode=4, cmp_mask_mode=3, ori_win_left=W - 1, ori_win_right=0, layout_q="TND",
+            layout_kv="PA_ND")
+        o = B.rope(o, cos, sin, inverse=True)
         G = cfg.o_groups
         z = B.grouped_linear(o.reshape(N, G, H * c // G), w[f"{p}.wo_a.weight"]).reshape(N, G * cfg.o_lora_rank)
         return B.linear(z, w[f"{p}.wo_b.weight"])

@@ -253,3 +253,19 @@ def role(name: str) -> str:
 def scale_name(weight_name: str) -> str:
     """The sibling scale tensor of a quantized weight (`x.weight` -> `x.scale`)."""
     return weight_name[: -len(".weight")] + ".scale" if weight_name.endswith(".weight") else weight_name + ".scale"
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_dtype(name: str, act_dtype: str) -> str:
+    """The dtype a floating weight is held in on a device running activations in `act_dtype`: float32 for the
+    roles the release itself stores in float32 (mHC fn/scale/base, router bias, attention sinks, compressor
+    ape; RELEASE_STORAGE above), `act_dtype` for the rest."""
+    if act_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {act_dtype!r}")
+    try:
+        kept = RELEASE_STORAGE[role(name)] == "f32"
+    except ValueError:
+        kept = False
+    return "float32" if kept else act_dtype

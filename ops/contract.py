@@ -49,7 +49,7 @@ class Backend(Protocol):
                 norm_eps: float) -> Tensor:
         """Final stream collapse x [T, n, D] -> [T, D] (sigmoid weights, no Sinkhorn)."""
 
-    # ---- compressed sparse attention -------------------------------------------------------
+    # ---- compressed sparse attention: the primitives the kernel-granularity ops below compose ----------
     def compress(self, kv: Tensor, score: Tensor) -> Tensor:
         """Gated pooling: kv, score [G, R, D] -> [G, D] = sum_R softmax_R(score) * kv, per feature."""
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, q_pos: Tensor, ratio: int, topk: int,
@@ -63,6 +63,41 @@ class Backend(Protocol):
         (visible when pos - window < kv_pos <= pos); comp [J, D] compressed entries (visible when
         (j+1)*ratio <= pos+1, and when comp_sel [T, k] is given only the selected ones). The sink
         enters the softmax denominator only. Returns [T, H, D]."""
+
+    # ---- the attention-side kernels at Ascend granularity (ops.attention_kernels) --------------------
+    # Argument lists and layouts of vllm-ascend's _C_ascend kernels (csrc/torch_binding.cpp); caches are
+    # paged [blocks, block_size, 1, D] (state [blocks, block_size, 2*coff*D]) behind int32 block tables.
+    # `AttentionKernels` composes them from the primitives above; backends override them with the kernels.
+    def dynamic_quant(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row int8 over the last axis (npu_dynamic_quant): (int8 like x, float32 scale x.shape[:-1])."""
+    def scatter_update(self, cache: Tensor, slot_mapping: Tensor, x: Tensor) -> None:
+        """npu_scatter_nd_update_v2: rows of x into cache slots ([N] flat or [N, 2] block/offset; < 0 skipped)."""
+    def compressor_metadata(self, rope_cos: Tensor, rope_sin: Tensor, cu_seqlens: Tensor, start_pos: Tensor,
+                            kv_block_table: Tensor, kv_block_size: int, slot_mapping_format: int,
+                            compress_ratio: int, num_compressed_tokens: int,
+                            num_reqs_actual: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(compress_cos, compress_sin [N, 1, 1, R], slot_mapping) of the entries `compressor` emits."""
+    def compressor(self, x: Tensor, wkv: Any, wgate: Any, state_cache: Tensor, ape: Tensor, norm_weight: Tensor,
+                   rope_sin: Tensor, rope_cos: Tensor, state_block_table: Tensor | None, cu_seqlens: Tensor | None,
+                   seqused: Tensor | None, start_pos: Tensor | None, rope_head_dim: int, cmp_ratio: int, coff: int,
+                   norm_eps: float, rotary_mode: int, cache_mode: int) -> Tensor:
+        """Projections + paged state cache + gated pooling + RMSNorm + RoPE: cmp_kv [N, D] (closed entries)."""
+    def quant_lightning_indexer_metadata(self, num_heads_q: int, num_heads_k: int, head_dim: int,
+                                         query_quant_mode: int, key_quant_mode: int, **kw: Any) -> Tensor:
+        """The indexer's core-split metadata, int32 [1024]."""
+    def lightning_indexer(self, query: Tensor, key: Tensor, weights: Tensor, query_dequant_scale: Tensor | None = None,
+                          key_dequant_scale: Tensor | None = None, query_quant_mode: int = 0,
+                          key_quant_mode: int = 0, actual_seq_lengths_query: Tensor | None = None,
+                          actual_seq_lengths_key: Tensor | None = None, block_table: Tensor | None = None,
+                          metadata: Tensor | None = None, layout_query: str = "BSND", layout_key: str = "BSND",
+                          sparse_count: int = 2048, sparse_mode: int = 3, pre_tokens: int = 2**63 - 1,
+                          next_tokens: int = 2**63 - 1, cmp_ratio: int = 1,
+                          return_value: bool = False) -> tuple[Tensor, Tensor]:
+        """Top-k compressed entries per query (float keys, or int8 keys + scales): ([T, 1, k] int32, -1 = none)."""
+    def sparse_attn_sharedkv_metadata(self, num_heads_q: int, num_heads_kv: int, head_dim: int, **kw: Any) -> Tensor:
+        """The attention kernel's core-split metadata, int32 [1024]."""
+    def sparse_attn_sharedkv(self, q: Tensor, **kw: Any) -> tuple[Tensor, Tensor]:
+        """Window keys + (selected) compressed keys, shared-KV MQA with sinks: (out like q, softmax_lse)."""
 
     # ---- mixture of experts ------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,

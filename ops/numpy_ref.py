@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .attention_kernels import AttentionKernels
 from .contract import ExpertWeights
 
 F32 = np.float32
-_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_, "int8": np.int8,
+           "float16": np.float16}
 
 # query rows per attention block: bounds the [rows, heads, keys] score buffer on long prompts; a block
 # scores rows + window - 1 raw keys, so blocks well under the window waste little work on masked keys
@@ -47,8 +49,9 @@ def dense(w: Any) -> np.ndarray:
     return w.dequantize()
 
 
-class NumpyBackend:
-    """The CPU reference backend (`--backend cpu`)."""
+class NumpyBackend(AttentionKernels):
+    """The CPU reference backend (`--backend cpu`); the attention-side kernels (compressor, lightning indexer,
+    sparse shared-KV attention and their metadata ops) come from `AttentionKernels` on these primitives."""
 
     name = "cpu"
 
@@ -262,6 +265,13 @@ class NumpyBackend:
             ys[rows] = self.linear(h, experts.w2[le])
         # finalize_routing: sum each token's k expert outputs
         return ys.reshape(T, k, x.shape[1]).sum(axis=1)
+
+    def dynamic_quant(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row int8 over the last axis (npu_dynamic_quant): (int8 like x, float32 scale x.shape[:-1])."""
+        from .quant import act_quant_per_token
+
+        q, s = act_quant_per_token(x)
+        return q, s[..., 0]
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, logits, temperature, top_k, top_p, rng):

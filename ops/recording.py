@@ -18,10 +18,11 @@ import numpy as np
 # ops whose outputs are data worth comparing; plumbing (zeros, cat, arange, ...) is not recorded
 RECORDED_OPS = (
     "embedding", "rms_norm", "linear", "grouped_linear", "rope", "hc_pre", "hc_post", "hc_head", "compress",
-    "indexer_topk", "sparse_attention", "moe_gate", "moe_experts", "swiglu_mlp",
+    "indexer_topk", "sparse_attention", "moe_gate", "moe_experts", "swiglu_mlp", "compressor", "lightning_indexer",
+    "sparse_attn_sharedkv",
 )
 # outputs that are index sets: compared as sets, not element by element
-INDEX_OUTPUTS = ("indexer_topk", "moe_gate.1")
+INDEX_OUTPUTS = ("indexer_topk", "moe_gate.1", "lightning_indexer.0")
 
 
 class RecordingBackend:

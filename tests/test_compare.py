@@ -24,9 +24,9 @@ class _Perturbed(NumpyBackend):
     def enter_scope(self, name: str) -> None:
         self.scope = name
 
-    def sparse_attention(self, *args, **kwargs):
-        out = super().sparse_attention(*args, **kwargs)
-        return out * np.float32(1.01) if self.scope == self.layer else out
+    def sparse_attn_sharedkv(self, *args, **kwargs):
+        out, lse = super().sparse_attn_sharedkv(*args, **kwargs)
+        return (out * np.float32(1.01) if self.scope == self.layer else out), lse
 
 
 def _run(backend, cfg, w, ids):
@@ -45,7 +45,7 @@ def test_first_divergence_is_the_perturbed_layer():
     assert list(a.records) == list(b.records)  # same graph -> same keys in the same order
     rows = compare_records(b.records, a.records)
     first = next(r for r in rows if r["rel"] > 1e-4)
-    assert first["scope"] == "f1.layers.2.attn" and first["op"].startswith("sparse_attention")
+    assert first["scope"] == "f1.layers.2.attn" and first["op"].startswith("sparse_attn_sharedkv")
     assert all(r["rel"] == 0 for r in rows[: rows.index(first)])
 
 

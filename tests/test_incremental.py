@@ -47,23 +47,6 @@ def test_chunked_equals_full(model, chunks):
     assert _rel(np.concatenate(parts), full) < TOL
 
 
-def test_cache_shapes_are_the_real_layout(model):
-    cfg = model.cfg
-    cache = model.new_cache()
-    n = 37
-    model.forward([cache], [list(range(2, 2 + n))])
-    for i, lc in enumerate(cache.layers[: cfg.n_layers]):
-        assert lc.window_kv.shape == (cfg.window, cfg.head_dim)
-        r = cfg.compress_ratios[i]
-        if r:
-            assert lc.comp_kv.view().shape == (n // r, cfg.head_dim)
-            assert lc.comp.buf_len == n % r  # the open group
-            coff = 2 if lc.comp.overlap else 1
-            assert lc.comp.buf_kv.shape == (r, coff * cfg.head_dim)
-        if cfg.attn_kinds[i] == "csa":
-            assert lc.index_kv.view().shape == (n // r, cfg.index_head_dim)
-
-
 def test_batch_of_different_lengths_equals_single_runs(model):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(2, model.cfg.vocab_size, n).tolist() for n in (3, 40, 17, 9)]
@@ -118,3 +101,14 @@ def test_sampling_seed_is_reproducible(model):
                                                     seed=12, stop_on_eos=False)).output_ids[0]
     assert a == b
     assert a != c
+
+
+def test_generate_with_chunked_prefill_equals_one_prefill(model):
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(2, model.cfg.vocab_size, n).tolist() for n in (23, 5, 40)]
+    params = SamplingParams(max_new_tokens=4, stop_on_eos=False)
+    one = generate(model, prompts, params, keep_prompt_logits=True)
+    chunked = generate(model, prompts, params, keep_prompt_logits=True, prefill_chunk=7)
+    assert chunked.output_ids == one.output_ids
+    for a, b in zip(chunked.prompt_logits, one.prompt_logits, strict=True):
+        assert _rel(a, b) < TOL

@@ -245,11 +245,14 @@ def test_plan_kv_bytes_match_the_spec_estimate():
     kv = out["kv"]["per_sequence"]
     csa = 21 * (1048576 // 4) * (584 + 132)  # compressed entries + indexer keys
     hca = 20 * (1048576 // 128) * 584
-    window = 43 * 128 * 584
-    state = 21 * (2 * 8 * 1024 * 4 + 2 * 8 * 256 * 4) + 20 * (2 * 128 * 512 * 4)  # float32 compressor state
+    window = 43 * 128 * 584  # the next query's 127 window rows: one 128-row block at a 1M boundary
+    # float32 compressor state in 16-row pages (common.paged_cache): C4 keeps the previous group's 4 rows (one
+    # page of [kv | score] 2 * 2 * 512 floats, the indexer's 4 * 128); C128's open group is empty at 1M
+    state = 21 * 16 * (2 * 2 * 512 * 4 + 4 * 128 * 4)
     assert kv["total"] == csa + hca + window + state
+    assert kv["block_size"] == 128
     assert 4.0e9 < kv["total"] < 4.1e9
-    assert out["kv"]["layout"]["entry"] == 584 and out["kv"]["layout"]["index_entry"] == 132
+    assert out["kv"]["layout"]["kv_entry"] == 584 and out["kv"]["layout"]["index_entry"] == 132
 
 
 def test_plan_w4a8_flash_on_910c_is_sane_and_explains_itself():

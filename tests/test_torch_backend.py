@@ -13,12 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ascend import custom_standin as cs  # noqa: E402
-from ascend import npu_standin as ns  # noqa: E402
 from ascend import soc as S  # noqa: E402
 from ascend.backends import get_backend  # noqa: E402
 from ascend.device import cann_version, detect  # noqa: E402
-from ascend.torch_backend import LOWERINGS, TorchBackend, explain_selection, model_calls  # noqa: E402
+from ascend.standins import torch_npu as ns  # noqa: E402
+from ascend.standins import vllm_ascend as cs  # noqa: E402
+from ascend.torch_backend import LOWERINGS, TorchBackend, model_calls  # noqa: E402
 from common.config import load_preset  # noqa: E402
 from common.generate import SamplingParams, generate  # noqa: E402
 from common.model import Model  # noqa: E402
@@ -324,32 +324,31 @@ def test_low_precision_kernels_match_reference_at_bf16(rng, soc, providers, expe
     assert_close(run(B, "rope", x, cos, sin), R.rope(x, cos, sin), 2e-2)
     W = W8A8Weight.from_float(f32(rng, 32, 64))
     assert_close(run(B, "linear", x[:, 0], W), W.matmul(x[:, 0]), 3e-2)
-    hx, fn, sc, base = _hc_inputs(rng, 6, 4, 32)
+    hx, fn, sc, base = _hc_inputs(rng, 6, 4, 4096)  # npu_hc_pre_v2 takes D 4096 or 7168 only (torch_binding.cpp)
     for g, w in zip(run(B, "hc_pre", hx, fn, sc, base, 20, 1e-6, 1e-6), R.hc_pre(hx, fn, sc, base, 20, 1e-6, 1e-6),
                     strict=True):
         assert_close(g, w, 2e-2)
     _, post, comb = R.hc_pre(hx, fn, sc, base, 20, 1e-6, 1e-6)
-    y = f32(rng, 6, 32)
+    y = f32(rng, 6, 4096)
     assert_close(run(B, "hc_post", y, hx, post, comb), R.hc_post(y, hx, post, comb), 2e-2)
     v = B.variants()
     for op, prefix in expect.items():
         assert v[op].startswith(prefix), (op, v[op])
 
 
-def test_explain_agrees_with_select():
+def test_plan_agrees_with_select():
+    """doctor's plan and the backend's selection are one rule (soc.explain): the chosen row is select's."""
     cfg, _ = load_preset("v4-flash")
     for dtype in ("float32", "bfloat16"):
         calls = model_calls(cfg, dtype)
         for soc in S.SOCS:
             for providers in PROVIDER_SETS.values():
                 B = TorchBackend(soc=soc, providers=providers)
+                plan = B.plan(calls)
                 for op in LOWERINGS:
-                    def has(v, op=op, B=B):
-                        return B.has_kernel(op, v)
-                    chosen = [e for e in explain_selection(op, soc, providers, calls[op], has)
-                              if e["status"] == "chosen"]
-                    v = S.select(op, soc, providers, calls[op], has_kernel=has)
-                    assert [e["variant"] for e in chosen] == [f"{v.provider}:{v.kernel}"]
+                    chosen = [e["variant"] for e in plan[op] if e["status"] == "chosen"]
+                    v = S.select(op, soc, providers, calls[op], lambda var, op=op, B=B: B.kernel_problem(op, var))
+                    assert chosen == [f"{v.provider}:{v.kernel}"]
 
 
 # ---- stand-in semantics ----------------------------------------------------------------------------------------
@@ -372,9 +371,16 @@ def test_grouped_matmul_group_list_forms_empty_groups_and_zero_rows(rng):
     zero = ns.npu_grouped_matmul([x[:0]], [w], group_list=torch.zeros(G, dtype=torch.int64), group_list_type=1,
                                  group_type=0, split_item=3)[0]
     assert zero.shape == (0, N)
-    with pytest.raises(RuntimeError, match="sum to"):
-        ns.npu_grouped_matmul([x], [w], group_list=torch.tensor([1] * G), group_list_type=1, group_type=0,
+    # groups may cover fewer rows than x has (init_routing's padded output): the rest is undefined, zero here
+    part = ns.npu_grouped_matmul([x], [w], group_list=torch.tensor([1] * G), group_list_type=1, group_type=0,
+                                 split_item=3)[0]
+    torch.testing.assert_close(part[:1], x[:1] @ w[0])
+    assert not part[G:].any()
+    with pytest.raises(RuntimeError, match="cover"):
+        ns.npu_grouped_matmul([x], [w], group_list=torch.tensor([9] * G), group_list_type=1, group_type=0,
                               split_item=3)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Optional\\[Tensor\\]'|group_list"):
+        ns.npu_grouped_matmul([x], [w], group_list=counts, group_list_type=1, group_type=0, split_item=3)
     with pytest.raises(RuntimeError, match="float32"):  # fp32 only as single tensors on A2/A3
         ns.npu_grouped_matmul([x], list(w), group_list=torch.tensor(counts), group_list_type=1, group_type=0,
                               split_item=3)
@@ -393,47 +399,53 @@ def test_grouped_matmul_int8_dynamic_quant_formula(rng):
 
 
 def test_init_routing_v2_semantics_and_local_range(rng):
+    """The torch-npu 2.14.0 doc: expanded_x is [T*k, H] with the active copies first; counts only as type 1 (or 2)
+    with expert_tokens_num_flag=True; quant_mode -1 or 1."""
     T, k, H, E = 6, 3, 4, 8
     x = torch.from_numpy(f32(rng, T, H))
     idx = torch.from_numpy(np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32))
-    ex, row_idx, counts, _ = ns.npu_moe_init_routing_v2(x, idx, expert_num=E, expert_tokens_num_type=1,
-                                                        expert_tokens_num_flag=True)
+    kw = {"expert_num": E, "expert_tokens_num_type": 1, "expert_tokens_num_flag": True, "quant_mode": -1}
+    ex, row_idx, counts, _ = ns.npu_moe_init_routing_v2(x, idx, **kw)
     flat = idx.reshape(-1).long()
     order = np.argsort(flat.numpy(), kind="stable")
+    assert ex.shape == (T * k, H)
     torch.testing.assert_close(ex, x[torch.from_numpy(order) // k])
     # gather index: source copy t*k + j -> its expanded row
     torch.testing.assert_close(ex[row_idx.long()], x.repeat_interleave(k, 0))
     np.testing.assert_array_equal(counts.numpy(), np.bincount(flat.numpy(), minlength=E))
-    _, _, cum, _ = ns.npu_moe_init_routing_v2(x, idx, expert_num=E, expert_tokens_num_flag=True)
-    np.testing.assert_array_equal(cum.numpy(), np.cumsum(counts.numpy()))  # type 0 = cumsum
-    # expert parallelism: only copies routed to experts [2, 5) are kept, in expert order
-    exl, rl, cl, _ = ns.npu_moe_init_routing_v2(x, idx, expert_num=E, active_expert_range=[2, 5],
-                                                expert_tokens_num_type=1, expert_tokens_num_flag=True)
+    for bad in ({"expert_tokens_num_type": 0}, {"expert_tokens_num_flag": False}, {"quant_mode": 0}):
+        with pytest.raises(RuntimeError):
+            ns.npu_moe_init_routing_v2(x, idx, **{**kw, **bad})
+    # expert parallelism: only copies routed to experts [2, 5) are kept, in expert order, at the front
+    exl, rl, cl, _ = ns.npu_moe_init_routing_v2(x, idx, active_expert_range=[2, 5], **kw)
     local = ((flat >= 2) & (flat < 5)).numpy()
-    assert exl.shape[0] == local.sum() and cl.tolist() == np.bincount(flat.numpy(), minlength=E)[2:5].tolist()
+    assert exl.shape == (T * k, H) and cl.tolist() == np.bincount(flat.numpy(), minlength=E)[2:5].tolist()
     assert (rl.numpy()[~local] == -1).all()
     torch.testing.assert_close(exl[rl.long()[torch.from_numpy(local)]], x.repeat_interleave(k, 0)[local])
     # scatter index (row_idx_type 1) lists the source copy of each expanded row
-    _, scat, _, _ = ns.npu_moe_init_routing_v2(x, idx, expert_num=E, row_idx_type=1)
+    _, scat, _, _ = ns.npu_moe_init_routing_v2(x, idx, row_idx_type=1, **kw)
     np.testing.assert_array_equal(scat.numpy(), order)
 
 
 def test_finalize_routing_map_orders_and_remote_rows(rng):
+    """The torch-npu 2.14.0 doc: drop_pad_mode only 0, the map column-major with values in [0, rows)."""
     T, k, H = 4, 2, 3
-    rows = torch.from_numpy(f32(rng, 6, H))
-    m_row = torch.tensor([0, 5, -1, 2, 3, -1, 1, 4], dtype=torch.int32)  # [i * k + j]
+    rows = torch.from_numpy(f32(rng, 8, H))
+    m_row = torch.tensor([0, 5, 6, 2, 3, 7, 1, 4], dtype=torch.int32)  # [i * k + j]
     scales = torch.from_numpy(rng.random((T, k)).astype(np.float32))
     skip = torch.from_numpy(f32(rng, T, H))
-    out = ns.npu_moe_finalize_routing(rows, skip, None, None, scales, m_row, None, drop_pad_mode=2)
     want = skip.clone()
     for i in range(T):
         for j in range(k):
-            d = int(m_row[i * k + j])
-            if d >= 0:
-                want[i] += scales[i, j] * rows[d]
-    torch.testing.assert_close(out, want)
+            want[i] += scales[i, j] * rows[int(m_row[i * k + j])]
     m_col = m_row.reshape(T, k).t().reshape(-1).contiguous()  # mode 0 takes the map column-major
-    torch.testing.assert_close(ns.npu_moe_finalize_routing(rows, skip, None, None, scales, m_col, None), out)
+    torch.testing.assert_close(ns.npu_moe_finalize_routing(rows, skip, None, None, scales, m_col, None), want)
+    with pytest.raises(RuntimeError, match="drop_pad_mode"):
+        ns.npu_moe_finalize_routing(rows, skip, None, None, scales, m_col, None, drop_pad_mode=2)
+    with pytest.raises(RuntimeError, match="values must be in"):
+        ns.npu_moe_finalize_routing(rows, skip, None, None, scales, torch.full_like(m_col, -1), None)
+    with pytest.raises(RuntimeError, match="dtype"):  # scales in the rows' dtype
+        ns.npu_moe_finalize_routing(rows, skip, None, None, scales.double(), m_col, None)
 
 
 def test_quant_matmul_and_dynamic_quant_exactness(rng):
@@ -613,7 +625,8 @@ def test_cli_generate_and_doctor(capsys):
     rep = json.loads(capsys.readouterr().out)
     contract = ("embedding", "rms_norm", "linear", "grouped_linear", "rope_freqs", "rope", "hc_pre", "hc_post",
                 "hc_head", "compress", "indexer_topk", "sparse_attention", "moe_gate", "moe_experts", "swiglu_mlp",
-                "sample")
+                "sample", "compressor", "compressor_metadata", "lightning_indexer", "sparse_attn_sharedkv",
+                "scatter_update")
     assert set(rep["ops"]) == set(contract)
     assert rep["torch_npu"] is None and rep["soc"] == "A2"
     for entry in rep["ops"].values():

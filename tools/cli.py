@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from ascend import soc as soc_table
 from common.config import ConfigError
 from common.safetensors_io import CheckpointError
 
@@ -28,8 +29,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="feed the prompts N tokens per sequence per forward call (chunked prefill)")
     p.add_argument("--record-ops", metavar="FILE.npz",
                    help="record every op output of the (first) prompt, for `dsv4 compare --a dump:FILE.npz`")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="activation and weight dtype of --backend torch (default bfloat16 with --device npu, "
+                        "float32 on the CPU: the golden)")
     d = p.add_argument_group("multi-rank (attention data parallel + MoE expert parallel, torch.distributed)")
     d.add_argument("--nproc", type=int, default=1,
                    help="ranks to launch on this node (must divide n_routed_experts); under torchrun the "
@@ -37,10 +43,14 @@ def _add_generate(sub) -> None:
     d.add_argument("--device", choices=("cpu", "npu"), default="cpu",
                    help="cpu = gloo collectives and stand-in MC2 ops; npu = hccl and torch_npu (needs --backend "
                         "torch or mindspore: the cpu backend runs on the host only)")
-    d.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall", "dispatch_combine"), default="auto",
+    d.add_argument("--moe-comm", choices=soc_table.MOE_COMM_CHOICES, default="auto",
                    help="MoE token exchange; auto picks per forward call from the SoC table")
-    d.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+    d.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None,
                    help="SoC whose limits `--moe-comm auto` applies (default: detected on an NPU, A2 on a CPU)")
+    d.add_argument("--providers", default=None, metavar="LIST",
+                   help="kernel providers of --backend torch, comma-separated from torch_npu,custom,composed "
+                        "(default: torch_npu,composed plus custom when a custom-op package is installed; on a CPU "
+                        "`custom` runs the vllm-ascend stand-ins)")
     d.add_argument("--dist-timeout", type=float, default=60.0,
                    help="seconds a collective may wait for the other ranks before the run fails (default 60)")
     p.set_defaults(func=cmd_generate)
@@ -110,11 +120,17 @@ def cmd_convert(args) -> int:
 
 def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="show the Ascend software found and which lowering each op will use")
-    p.add_argument("--soc", choices=("A2", "A3", "950"), default=None,
+    p.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None,
                    help="SoC to plan for (default: detected on an NPU, A2 otherwise)")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks to plan the MoE exchange for (default 8)")
+    p.add_argument("--tokens-per-rank", type=int, default=64,
+                   help="largest per-rank token count of a MoE call to plan for (default 64)")
     p.add_argument("--model", default="v4-flash", help="preset or model directory whose call shapes to plan for")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="activation dtype handed to the kernels")
+    p.add_argument("--providers", default=None, metavar="LIST",
+                   help="kernel providers to plan with, comma-separated from torch_npu,custom,composed (default: "
+                        "what is installed; `custom` on a CPU plans as if vllm-ascend's _C_ascend were present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_doctor)
 

@@ -1,9 +1,10 @@
 """`dsv4 doctor`: what this machine has for Ascend, and which lowering each contract op will use.
 
-Prints the SoC (detected, or simulated with --soc), CANN, torch / torch_npu, the CANN custom-op packages,
-and for every contract op the variant the torch backend selects from the SoC table for the call shapes of
---model (default v4-flash), with the reason each other variant was skipped. Always exits 0: a machine with
-nothing installed is a valid answer.
+Prints the SoC (detected, or simulated with --soc), CANN, torch / torch_npu, MindSpore, the CANN custom-op
+packages, each against the versions the port supports (ascend/versions.py), and for every contract op the
+variant the torch backend selects from the SoC table for the call shapes of --model (default v4-flash), with the
+reason each other variant was skipped, plus the expert-parallel exchange for --ep ranks and why MC2 was or was
+not taken. Always exits 0: a machine with nothing installed is a valid answer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from .errors import EXIT_USAGE, CliError
 
 
 def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = "float32",
-                  providers: list[str] | None = None) -> dict[str, Any]:
+                  providers: list[str] | None = None, ep: int = 8, tokens_per_rank: int = 64) -> dict[str, Any]:
     """The doctor's findings as plain data."""
+    from ascend import versions
     from ascend.device import detect
 
     info = detect()
@@ -27,7 +29,7 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
     chosen_soc = soc or info.soc or S.A2
     report: dict[str, Any] = {
         "soc": chosen_soc,
-        "soc_source": "simulated (--soc)" if soc else ("detected" if info.soc else "simulated (default)"),
+        "soc_source": "simulated: --soc" if soc else ("detected" if info.soc else "simulated: default"),
         "soc_description": S.SOCS[chosen_soc],
         "chip": info.chip,
         "npu_count": info.npu_count,
@@ -36,8 +38,14 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         "torch": info.torch_version,
         "torch_npu": info.torch_npu_version,
         "torch_npu_error": info.torch_npu_error,
+        "torch_npu_schema_mismatches": info.torch_npu_schema_mismatches,
+        "mindspore": info.mindspore_version,
         "custom_packages": info.custom_packages,
-        "kernels": "torch_npu" if info.has_npu else "stand-ins (ascend.npu_standin, ascend.custom_standin)",
+        "versions": versions.summary({"torch_npu": info.torch_npu_version, "cann": info.cann_version,
+                                      "mindspore": info.mindspore_version,
+                                      "vllm_ascend": _dist_version("vllm_ascend" if "vllm_ascend" in
+                                                                   info.custom_packages else None)}),
+        "kernels": "torch_npu" if info.has_npu else "stand-ins (ascend.standins: torch_npu, vllm_ascend, mc2)",
         "model": model,
         "dtype": dtype,
         "ops": {},
@@ -56,8 +64,23 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         from common.config import load_config
 
         cfg = load_config(model)
+    if providers is None and soc is not None and not info.has_npu:
+        from ascend.torch_backend import simulated_providers
+
+        providers = simulated_providers("cpu", soc, None)  # planning a SoC on a CPU: as deployed there
+        report["providers_source"] = "simulated deployment (torch_npu + vllm-ascend custom ops); --providers to change"
     backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype)
     report["providers"] = sorted(backend.providers)
+    report["torch_npu_schemas"] = backend.torch_npu_version
+    report["moe_comm"] = {"ep": ep, "tokens_per_rank": tokens_per_rank, "hidden": cfg.dim,
+                          "topk": cfg.n_activated_experts, "experts": cfg.n_routed_experts, "frameworks": {}}
+    for fw, provs in (("torch", set(backend.providers)), ("mindspore", {S.MINDSPORE, S.COMPOSED})):
+        strategy, rows = S.explain_moe_comm(chosen_soc, provs, ep, tokens_per_rank, cfg.dim, cfg.n_activated_experts,
+                                            cfg.n_routed_experts)
+        report["moe_comm"]["frameworks"][fw] = {
+            "strategy": strategy,
+            "variants": [{k: r[k] for k in ("variant", "status", "reason")} for r in rows
+                         if r["variant"].split(":")[0] in provs]}
     calls = model_calls(cfg, dtype)
     plan = backend.plan(calls)
     for op, table_ops in CONTRACT_OPS.items():
@@ -74,6 +97,17 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
     return report
 
 
+def _dist_version(package: str | None) -> str | None:
+    if package is None:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version(package.replace("_", "-"))
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return None
+
+
 def _text(r: dict[str, Any]) -> str:
     lines = [
         f"SoC          {r['soc']} ({r['soc_source']}): {r['soc_description']}" + (f", chip {r['chip']}" if r["chip"]
@@ -82,8 +116,17 @@ def _text(r: dict[str, Any]) -> str:
         f"torch        {r['torch'] or 'not installed'}",
         f"torch_npu    {r['torch_npu'] or 'not installed'}"
         + (f" ({r['torch_npu_error']})" if r["torch_npu_error"] not in (None, "not installed") else ""),
+        *(f"{'':<13}schema differs: {m}" for m in r["torch_npu_schema_mismatches"]),
+        f"MindSpore    {r['mindspore'] or 'not installed'}",
         f"NPUs         {r['npu_count']}",
     ]
+    for name, v in r["versions"].items():
+        if name == "schemas":
+            lines.append("checked      " + ", ".join(f"{k} {val[:12]}" for k, val in v["supported"].items()))
+            continue
+        sup = v["supported"] if isinstance(v["supported"], str) else ", ".join(v["supported"])
+        state = "not found" if v["found"] is None else ("ok" if v["ok"] else "UNSUPPORTED")
+        lines.append(f"{'':<13}{name}: {v['found'] or '-'} ({state}; supported: {sup})")
     if r["custom_packages"]:
         for pkg, p in r["custom_packages"].items():
             found = ", ".join(p["kernels"]) or "no kernels found"
@@ -95,7 +138,8 @@ def _text(r: dict[str, Any]) -> str:
     if "ops_error" in r:
         lines.append(f"ops          {r['ops_error']}")
         return "\n".join(lines)
-    lines.append(f"providers    {', '.join(r['providers'])}; call shapes of {r['model']}, dtype {r['dtype']}")
+    lines.append(f"providers    {', '.join(r['providers'])}; call shapes of {r['model']}, dtype {r['dtype']}; "
+                 f"torch_npu schemas {r['torch_npu_schemas']}")
     lines.append("")
     for op, entry in r["ops"].items():
         for t, e in entry.items():
@@ -104,10 +148,23 @@ def _text(r: dict[str, Any]) -> str:
             for v in e["variants"]:
                 if v["status"] == "skipped" and v["reason"] != "a preferred variant was chosen":
                     lines.append(f"{'':<38}skipped {v['variant']}: {v['reason']}")
+    m = r["moe_comm"]
+    lines.append("")
+    lines.append(f"MoE exchange for ep {m['ep']}, {m['tokens_per_rank']} tokens/rank, hidden {m['hidden']}, "
+                 f"top-{m['topk']} of {m['experts']} experts:")
+    for fw, f in m["frameworks"].items():
+        lines.append(f"{'  ' + fw:<34} -> {f['strategy']}")
+        for v in f["variants"]:
+            if v["status"] == "skipped" and v["reason"] != "a preferred variant was chosen":
+                lines.append(f"{'':<38}skipped {v['variant']}: {v['reason']}")
     return "\n".join(lines)
 
 
 def run_doctor(args) -> int:
-    r = doctor_report(soc=args.soc, model=args.model, dtype=args.dtype)
+    from tools.generate_cmd import parse_providers
+
+    r = doctor_report(soc=args.soc, model=args.model, dtype=args.dtype, ep=getattr(args, "ep", 8),
+                      tokens_per_rank=getattr(args, "tokens_per_rank", 64),
+                      providers=parse_providers(getattr(args, "providers", None)))
     print(json.dumps(r, indent=2) if args.json else _text(r))
     return 0

@@ -193,7 +193,7 @@ def run_generate_distributed(args) -> int:
         split_indexes(Path(args.model), 0, world)
     prompts = make_prompts(args, cfg, tokenizer)
     job = Job(args.model, prompts, params, args.backend, args.device, [args.moe_comm], args.soc,
-              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops)
+              bool(args.logits_out), args.dist_timeout, record_ops=args.record_ops, dtype=resolve_dtype(args))
 
     if torchrun:
         holder: dict[str, Any] = {}
@@ -220,21 +220,58 @@ def run_generate_distributed(args) -> int:
     return 0
 
 
+def resolve_dtype(args) -> str:
+    """--dtype, defaulted: bfloat16 for the torch backend on an NPU, float32 (the golden) otherwise. Only the
+    torch backend runs a device dtype; the NumPy reference and MindSpore compute in float32."""
+    dtype = getattr(args, "dtype", None)
+    if dtype is None:
+        return "bfloat16" if args.backend == "torch" and args.device == "npu" else "float32"
+    if dtype != "float32" and args.backend != "torch":
+        raise CliError(f"--dtype {dtype} needs --backend torch (the {args.backend} backend computes in float32)",
+                       EXIT_USAGE)
+    return dtype
+
+
+def parse_providers(text: str | None) -> list[str] | None:
+    """--providers a,b,c -> a checked list (None: the backend's default)."""
+    if text is None:
+        return None
+    from ascend.soc import COMPOSED, CUSTOM, TORCH_NPU
+
+    known = (TORCH_NPU, CUSTOM, COMPOSED)
+    got = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in got if p not in known]
+    if bad or not got:
+        raise CliError(f"--providers {text!r}: choose from {', '.join(known)}", EXIT_USAGE)
+    return got
+
+
+def _providers(args) -> list[str] | None:
+    from ascend.torch_backend import simulated_providers
+
+    return simulated_providers(args.device, args.soc, parse_providers(getattr(args, "providers", None)))
+
+
 def run_generate(args) -> int:
     if wants_distributed(args):  # --nproc N > 1, or launched as one rank by torchrun
         return run_generate_distributed(args)
     params = sampling_params(args)
     check_outputs(args)
+    chunk = getattr(args, "prefill_chunk", None)
+    if chunk is not None and chunk < 1:
+        raise CliError(f"--prefill-chunk must be >= 1, got {chunk}", EXIT_USAGE)
+    dtype = resolve_dtype(args)
     from ascend.backends import get_backend
 
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        backend = get_backend(args.backend, device=args.device, soc=args.soc)
+        opts = {"dtype": dtype, "providers": _providers(args)} if args.backend == "torch" else {}
+        backend = get_backend(args.backend, device=args.device, soc=args.soc, **opts)
     except BackendUnavailable as e:
         raise CliError(str(e)) from None
 
     t0 = time.perf_counter()
-    lm = load_model(args.model, log)
+    lm = load_model(args.model, log, float_dtype=dtype)  # weights handed over in the device form
     cfg = lm.cfg
     prompts = make_prompts(args, cfg, lm.tokenizer)
     recorder = None
@@ -244,13 +281,18 @@ def run_generate(args) -> int:
         recorder = RecordingBackend(backend, args.backend)
     model = Model(cfg, lm.weights, recorder or backend)
     load_s = time.perf_counter() - t0
-    log(f"loaded {lm.source} in {load_s:.2f}s: {cfg.n_layers} layers, backend {backend.name}")
+    log(f"loaded {lm.source} in {load_s:.2f}s: {cfg.n_layers} layers, backend {backend.name}, {dtype}")
 
     bar = tqdm(total=max(args.max_new_tokens - 1, 0), desc="decode", unit="tok", file=sys.stderr,
                disable=args.max_new_tokens <= 1 or not sys.stderr.isatty(), leave=False)
     res = generate(model, prompts, params, keep_prompt_logits=bool(args.logits_out),
-                   on_step=lambda n: bar.update(1))
+                   on_step=lambda n: bar.update(1), prefill_chunk=chunk)
     bar.close()
+    used = getattr(backend, "variants", None)
+    if used is not None:
+        v = used()
+        attn = ("compressor", "compressor_metadata", "lightning_indexer", "sparse_attn_sharedkv", "kv_scatter")
+        log("attention-side kernels: " + ", ".join(f"{op}={v[op]}" for op in attn if op in v))
     if recorder is not None:
         recorder.save(args.record_ops, {"prompt_ids": prompts[0], "output_ids": res.output_ids[0],
                                         "model": str(args.model)})

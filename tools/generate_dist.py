@@ -57,6 +57,7 @@ class Job:
     timeout: float = DEFAULT_TIMEOUT
     result_path: str | None = None  # rank 0 pickles its results here (spawned ranks)
     record_ops: str | None = None  # rank 0 records every op output of its first prompt to this .npz
+    dtype: str = "float32"  # torch backend activation / weight dtype (--dtype)
 
 
 @dataclass
@@ -92,8 +93,10 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
         ep = ExpertParallel.create(job.moe_comm[0], soc, job.device)
         ctrl = dist.new_group(backend="gloo")
         t0 = time.perf_counter()
-        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world)
-        backend = get_backend(job.backend, device=job.device, soc=soc if job.backend == "torch" else None)
+        lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world,
+                        float_dtype=job.dtype)
+        opts = {"soc": soc, "dtype": job.dtype} if job.backend == "torch" else {}
+        backend = get_backend(job.backend, device=job.device, **opts)
         ep_backend = EPBackend(backend, ep)
         recorder = None
         if job.record_ops and rank == 0:
@@ -132,7 +135,8 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
 def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int, backend: str = "cpu",
                    device: str = "cpu", moe_comm: Sequence[str] = ("auto",), soc: str | None = None,
                    keep_prompt_logits: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                   run_timeout: float | None = None, record_ops: str | None = None) -> list[RunResult]:
+                   run_timeout: float | None = None, record_ops: str | None = None,
+                   dtype: str = "float32") -> list[RunResult]:
     """Spawn `nproc` local ranks, generate once per strategy in `moe_comm` (one model load), return rank 0's
     results. The Python face of `dsv4 generate --nproc N`."""
     from ascend.ep import MOE_COMM_CHOICES
@@ -146,7 +150,7 @@ def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int
         raise ValueError(err)
     with tempfile.TemporaryDirectory(prefix="dsv4-ranks-") as tmp:
         job = Job(model, [list(map(int, p)) for p in prompts], params, backend, device, list(moe_comm), soc,
-                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops)
+                  keep_prompt_logits, timeout, str(Path(tmp) / "rank0.pkl"), record_ops, dtype)
         launch(nproc, run_rank, (job,), timeout=run_timeout)
         with open(job.result_path, "rb") as f:
             return pickle.load(f)

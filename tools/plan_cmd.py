@@ -29,6 +29,7 @@ import numpy as np
 from common import names
 from common.config import CSA, HCA, SWA, ModelConfig, model_config
 from common.converted import CONVERT_INFO
+from common.paged_cache import DEFAULT_BLOCK_SIZE, CacheFormat, cache_format, family, layer_bytes
 from common.parallel import tp_split
 from common.recipes import Recipe, bundled_formats
 from common.recipes import bundled_recipe as load_recipe  # plan and deploy name a bundled format
@@ -138,26 +139,12 @@ def weight_table(cfg: ModelConfig, recipe: Recipe, with_mtp: bool) -> WeightTabl
 
 # ---- KV cache and compressor state ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class KVLayout:
-    entry: int  # bytes per stored KV entry (window ring and compressed entries)
-    index_entry: int  # bytes per indexer key (CSA layers)
-    note: str
+# the cache formats and the bytes each kind holds are common.paged_cache's (the manager the model runs on)
+KVLayout = CacheFormat
 
 
-def kv_layout(cfg: ModelConfig, kv_dtype: str) -> KVLayout:
-    nope, rope = cfg.nope_dim, cfg.rope_dim
-    if kv_dtype == "fp8":
-        # vLLM's V4 layout: fp8 NoPE + bf16 RoPE + one ue8m0 scale per 64 NoPE dims, padded to 8 bytes
-        # (448 + 128 + 7 + 1 = 584 B for V4); indexer keys fp8 + one float32 scale (128 + 4 = 132 B)
-        raw = nope + 2 * rope + math.ceil(nope / 64)
-        entry = -(-raw // 8) * 8
-        return KVLayout(entry, cfg.index_head_dim + 4,
-                        f"fp8 NoPE {nope} B + bf16 RoPE {2 * rope} B + {math.ceil(nope / 64)} ue8m0 scales, padded "
-                        f"to {entry} B per entry; indexer key {cfg.index_head_dim} B fp8 + 4 B scale")
-    return KVLayout(2 * cfg.head_dim, 2 * cfg.index_head_dim,
-                    f"bf16 {cfg.head_dim} x 2 = {2 * cfg.head_dim} B per entry; indexer key "
-                    f"{2 * cfg.index_head_dim} B")
+def kv_layout(cfg: ModelConfig, kv_dtype: str) -> CacheFormat:
+    return cache_format(cfg, kv_dtype)
 
 
 def _layer_kinds(cfg: ModelConfig, with_mtp: bool) -> list[tuple[str, int]]:
@@ -165,38 +152,32 @@ def _layer_kinds(cfg: ModelConfig, with_mtp: bool) -> list[tuple[str, int]]:
     return [(cfg.attn_kinds[i], cfg.compress_ratios[i]) for i in range(n)]
 
 
-def compressor_state_bytes(cfg: ModelConfig, kind: str, ratio: int) -> int:
-    """Open-group state per sequence and layer: float32 kv_state + score_state [coff*r, coff*c] (spec 3.4)."""
-    if kind == SWA:
-        return 0
-    coff = 2 if kind == CSA else 1
-    main = 2 * (coff * ratio) * (coff * cfg.head_dim) * 4
-    index = 2 * (coff * ratio) * (coff * cfg.index_head_dim) * 4 if kind == CSA else 0
-    return main + index
-
-
-def kv_per_sequence(cfg: ModelConfig, kvl: KVLayout, context: int, with_mtp: bool) -> dict[str, Any]:
-    """Bytes one sequence of `context` tokens holds, per attention kind (window ring, compressed entries,
-    indexer keys, compressor state) and the marginal bytes per extra token."""
-    win = min(context, cfg.window)
+def kv_per_sequence(cfg: ModelConfig, kvl: CacheFormat, context: int, with_mtp: bool,
+                    block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+    """Bytes one sequence of `context` tokens holds in the paged caches (whole blocks, common.paged_cache
+    .layer_bytes), per attention kind: window ring, compressed entries, indexer keys, compressor state; and the
+    marginal bytes per extra token."""
     out: dict[str, Any] = {}
     total = 0
+    n = cfg.n_total_layers if with_mtp else cfg.n_layers
     for kind in (SWA, CSA, HCA):
-        layers = [r for k, r in _layer_kinds(cfg, with_mtp) if k == kind]
+        layers = [i for i in range(n) if cfg.attn_kinds[i] == kind]
         if not layers:
             continue
-        window = len(layers) * win * kvl.entry
-        comp = sum((context // r) * kvl.entry for r in layers) if kind != SWA else 0
-        index = sum((context // r) * kvl.index_entry for r in layers) if kind == CSA else 0
-        state = sum(compressor_state_bytes(cfg, kind, r) for r in layers)
-        per_token = sum((kvl.entry + (kvl.index_entry if kind == CSA else 0)) / r for r in layers) if kind != SWA \
-            else 0.0
-        sub = window + comp + index + state
-        out[kind] = {"layers": len(layers), "ratio": layers[0], "window": window, "compressed": comp,
-                     "indexer_keys": index, "compressor_state": state, "total": sub,
+        fam = {"swa": 0, "kv": 0, "idx": 0, "state": 0, "idx_state": 0}
+        for i in layers:
+            for name, b in layer_bytes(cfg, kvl, i, context, block_size).items():
+                fam[family(name)] += b
+        ratios = [cfg.compress_ratios[i] for i in layers]
+        per_token = sum((kvl.kv_entry + (kvl.index_entry if kind == CSA else 0)) / r for r in ratios) \
+            if kind != SWA else 0.0
+        sub = sum(fam.values())
+        out[kind] = {"layers": len(layers), "ratio": ratios[0], "window": fam["swa"], "compressed": fam["kv"],
+                     "indexer_keys": fam["idx"], "compressor_state": fam["state"] + fam["idx_state"], "total": sub,
                      "per_token_all_layers": per_token}
         total += sub
     out["total"] = total
+    out["block_size"] = block_size
     return out
 
 
@@ -205,11 +186,11 @@ def kv_read_per_step(cfg: ModelConfig, kvl: KVLayout, context: int) -> int:
     win = min(context, cfg.window)
     b = 0
     for kind, r in _layer_kinds(cfg, False):
-        b += win * kvl.entry
+        b += win * kvl.kv_entry
         if kind == CSA:  # top-k selected entries + a full scan of the indexer keys
-            b += min(cfg.index_topk, context // r) * kvl.entry + (context // r) * kvl.index_entry
+            b += min(cfg.index_topk, context // r) * kvl.kv_entry + (context // r) * kvl.index_entry
         elif kind == HCA:  # every visible compressed entry
-            b += (context // r) * kvl.entry
+            b += (context // r) * kvl.kv_entry
     return b
 
 

@@ -3,7 +3,8 @@
 Written from the op-plugin documentation (docs/zh/custom_APIs/torch_npu/torch_npu-npu_moe_distribute_*.md,
 digested in shared/spec/ascend_ecosystem.md section 1) on top of torch.distributed collectives, so the
 same lowering code that calls `torch_npu.npu_moe_distribute_dispatch_v2` on an NPU runs over gloo on a
-CPU. Importable on its own (no torch_npu); `ascend/npu_standin.py` re-exports the four functions.
+CPU. Bound to the torch-npu 2.14.0 schemas (ascend/schemas/torch_npu.yaml) through schema.py; importable on
+its own (no torch_npu); `ascend/standins/torch_npu.py` re-exports the four ops.
 
 What the stand-in reproduces (the parts the model may rely on):
 - dispatch: optional per-token dynamic int8 quantisation (quant_mode 2), an all-to-all-v over the EP
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .schema import StandinLibrary
+
 __all__ = [
     "register_group", "resolve_group", "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2",
     "npu_moe_distribute_dispatch", "npu_moe_distribute_combine",
@@ -49,6 +52,7 @@ ASSIST_STRIDE = 128  # int32 entries per received row in assist_info_for_combine
 MAX_K = 16
 
 _GROUPS: dict[str, Any] = {}
+LIB = StandinLibrary("torch_npu")  # the same dsv4_torch_npu namespace as ascend/standins/torch_npu.py
 
 
 def register_group(group: Any = None, name: str | None = None) -> str:
@@ -71,7 +75,7 @@ def resolve_group(name: str) -> Any:
         return _GROUPS[name]
     except KeyError:
         raise ValueError(f"group_ep {name!r} names no registered process group; call "
-                         f"ascend.mc2_standin.register_group(group) first (known: {sorted(_GROUPS)})") from None
+                         f"ascend.standins.mc2.register_group(group) first (known: {sorted(_GROUPS)})") from None
 
 
 # ---- shared machinery ----------------------------------------------------------------------------
@@ -269,14 +273,14 @@ def _dispatch(op: str, x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str,
         out["dynamic_scales"] = torch.zeros(a, dtype=torch.float32, device=dev)
         out["dynamic_scales"][:n] = got_scale[pd]
     else:
-        out["dynamic_scales"] = None
+        out["dynamic_scales"] = torch.zeros(0, dtype=torch.float32, device=dev)  # undefined without quant
     if expert_scales is not None:
         w = expert_scales.reshape(-1)[plan.order.to(dev)].float()
         got_w = _a2a(group, w, send_splits, recv_splits)
         out["expand_scales"] = torch.zeros(a, dtype=torch.float32, device=dev)
         out["expand_scales"][:n] = got_w[pd]
     else:
-        out["expand_scales"] = None
+        out["expand_scales"] = torch.zeros(0, dtype=torch.float32, device=dev)  # undefined without expert_scales
     per_expert = recv_counts.sum(0)
     out["expert_token_nums"] = (per_expert if expert_token_nums_type == 1 else per_expert.cumsum(0)).to(dev)
     out["ep_recv_counts"] = recv_counts.t().reshape(-1).cumsum(0).to(torch.int32).to(dev)
@@ -343,6 +347,7 @@ def _combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, ep_send_
 
 # ---- the documented entry points ----------------------------------------------------------------
 
+@LIB.impl("npu_moe_distribute_dispatch_v2")
 def npu_moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int,
                                    ep_rank_id: int, moe_expert_num: int, *, scales: torch.Tensor | None = None,
                                    x_active_mask: torch.Tensor | None = None,
@@ -351,11 +356,15 @@ def npu_moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, gr
                                    tp_rank_id: int = 0, expert_shard_type: int = 0, shared_expert_num: int = 1,
                                    shared_expert_rank_num: int = 0, quant_mode: int = 0, global_bs: int = 0,
                                    expert_token_nums_type: int = 1, comm_alg: str = "", zero_expert_num: int = 0,
-                                   copy_expert_num: int = 0, const_expert_num: int = 0) -> tuple:
+                                   copy_expert_num: int = 0, const_expert_num: int = 0,
+                                   y_dtype: torch.dtype | None = None, x_dtype: torch.dtype | None = None,
+                                   scales_dtype: torch.dtype | None = None) -> tuple:
     """-> (expand_x, dynamic_scales, assist_info_for_combine, expert_token_nums, ep_recv_counts,
     tp_recv_counts, expand_scales)."""
     if elastic_info is not None:
         raise NotImplementedError("npu_moe_distribute_dispatch_v2: elastic_info is reserved (pass None)")
+    if any(v is not None for v in (y_dtype, x_dtype, scales_dtype)):
+        raise NotImplementedError("npu_moe_distribute_dispatch_v2 stand-in: y/x/scales dtype overrides (fp8/int4)")
     o = _dispatch("npu_moe_distribute_dispatch_v2", x, expert_ids, group_ep, ep_world_size, ep_rank_id,
                   moe_expert_num, scales, x_active_mask, expert_scales, tp_world_size, shared_expert_rank_num,
                   quant_mode, global_bs, expert_token_nums_type, zero_expert_num + copy_expert_num + const_expert_num)
@@ -363,6 +372,7 @@ def npu_moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, gr
             o["ep_recv_counts"], o["tp_recv_counts"], o["expand_scales"])
 
 
+@LIB.impl("npu_moe_distribute_combine_v2")
 def npu_moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
                                   assist_info_for_combine: torch.Tensor, ep_send_counts: torch.Tensor,
                                   expert_scales: torch.Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
@@ -386,6 +396,7 @@ def npu_moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tens
                     assist_info_for_combine)
 
 
+@LIB.impl("npu_moe_distribute_dispatch")
 def npu_moe_distribute_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int,
                                 ep_rank_id: int, moe_expert_num: int, *, scales: torch.Tensor | None = None,
                                 x_active_mask: torch.Tensor | None = None, expert_scales: torch.Tensor | None = None,
@@ -402,6 +413,7 @@ def npu_moe_distribute_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, group
             o["tp_recv_counts"], o["expand_scales"])
 
 
+@LIB.impl("npu_moe_distribute_combine")
 def npu_moe_distribute_combine(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch.Tensor,
                                ep_send_counts: torch.Tensor, expert_scales: torch.Tensor, group_ep: str,
                                ep_world_size: int, ep_rank_id: int, moe_expert_num: int, *,

@@ -1,14 +1,12 @@
-"""The torch_npu functions the torch backend calls, in plain torch, from their documented semantics.
+"""torch_npu (op-plugin) kernels the torch backend calls, as CPU stand-ins bound to the torch-npu 2.14.0 schemas.
 
-Used only when the real `torch_npu` is absent (CPU machines), so that the backend's lowering code runs
-unchanged off an NPU. Each function keeps the documented argument names, order, keyword-only markers,
-return tuples, layouts and dtype rules of the op-plugin docs (docs/zh/custom_APIs/torch_npu/, see
-shared/spec/ascend_ecosystem.md section 1), and raises where the real op rejects an input (unsupported
-dtype, layout or size), so a lowering that would fail on hardware fails here too. Internals compute in
-float32 (like the NPU's vector units); integer GEMMs are exact.
+Each op is defined from its schema in ascend/schemas/torch_npu.yaml (see schema.py), so argument names, order,
+keyword-only markers, defaults and return arity are the real ones. Bodies follow the op docs shipped in the same
+wheel (torch_npu/_op_plugin_docs.py, doc line cited per op as DOC:<line>) and raise where the doc says the op
+rejects an input. Internals compute in float32 (like the NPU's vector units); integer GEMMs are exact.
 
-Not covered: the drop/pad and quantized modes of init_routing, int4 (quint4x2 / int32-packed) inputs,
-graph-mode specifics. Those raise NotImplementedError rather than guess.
+Not covered (NotImplementedError rather than a guess): drop/pad and static-quant modes of init_routing, int4 /
+fp8 inputs (the x1_dtype / x2_dtype family), graph-mode specifics.
 """
 
 from __future__ import annotations
@@ -17,37 +15,29 @@ from collections.abc import Sequence
 
 import torch
 
+from .common import F32 as _F32
+from .common import FLOAT as _FLOAT
+from .common import LOW as _LOW
+from .common import dtypes as _dtypes
+from .common import gating_norm, gating_top_k, sinkhorn
+from .common import int_gemm as _int_gemm
+from .common import need as _need
+from .common import per_token_int8 as _per_token_int8
+from .schema import StandinLibrary
+
 __version__ = "standin"
 STANDIN = True  # lets callers (and `dsv4 doctor`) tell this module from the real torch_npu
-
-_F32 = torch.float32
-_LOW = (torch.float16, torch.bfloat16)
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise RuntimeError(msg)
+DOC = "torch-npu 2.14.0 torch_npu/_op_plugin_docs.py"
+LIB = StandinLibrary("torch_npu")
+_EMPTY = torch.empty(0)
 
 
-def _dtypes(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
-    _need(t.dtype in allowed, f"{name}: dtype {t.dtype} not supported (documented: {[str(d) for d in allowed]})")
-
-
-def _int_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 x int8 -> int32 GEMM (batched). Float BLAS on the int8 values is exact integer
-    arithmetic: products are <= 2**14 and partial sums <= K * 2**14, exact in float32 up to K = 1024
-    and in float64 beyond (the same argument as ops.quant.int_matmul)."""
-    K = a.shape[-1]
-    ft = torch.float32 if K * 2**14 <= 2**24 else torch.float64
-    return torch.matmul(a.to(ft), b.to(ft)).to(torch.int32)
-
-
-# ---- norms, rope, activations -------------------------------------------------------------------------
-def npu_rms_norm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x / sqrt(mean(x^2) + eps) * gamma over the trailing gamma.dim() axes; returns (y, rstd).
+@LIB.impl("npu_rms_norm")
+def npu_rms_norm(self: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x / sqrt(mean(x^2) + eps) * gamma over the trailing gamma.dim() axes; returns (y, rstd) (DOC:3438).
 
     rstd is float32 with x's shape, the normalized axes kept as size 1."""
+    x = self
     _dtypes("npu_rms_norm x", x, _FLOAT)
     nd = gamma.dim()
     _need(tuple(x.shape[-nd:]) == tuple(gamma.shape), f"npu_rms_norm: gamma {tuple(gamma.shape)} must match the "
@@ -59,6 +49,7 @@ def npu_rms_norm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) ->
     return y.to(x.dtype), rstd
 
 
+@LIB.impl("npu_interleave_rope")
 def npu_interleave_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on interleaved pairs: q = x.reshape(B,N,S,D/2,2).transpose(-1,-2).reshape(B,N,S,D), then
     q*cos + RotateHalf(q)*sin. The result is in the de-interleaved (rotate-half) layout: element i < D/2
@@ -79,8 +70,10 @@ def npu_interleave_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return (q * cos.to(_F32) + rot * sin.to(_F32)).to(x.dtype)
 
 
-def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Split `dim` into halves a, b; silu(a) * b."""
+@LIB.impl("npu_swiglu")
+def npu_swiglu(self: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Split `dim` into halves a, b; silu(a) * b (DOC:4389)."""
+    x = self
     _dtypes("npu_swiglu x", x, _FLOAT)
     _need(x.shape[dim] % 2 == 0, f"npu_swiglu: dim {dim} of {tuple(x.shape)} is odd")
     a, b = x.to(_F32).chunk(2, dim=dim)
@@ -88,21 +81,13 @@ def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 # ---- quantization -----------------------------------------------------------------------------------------
-def _per_token_int8(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # scale = rowmax|x| / 127 (a zero row gets scale 1, as ops/quant.py and the CANN golden do);
-    # torch.round is round-half-to-even, the same rule as np.rint
-    amax = xf.abs().amax(dim=-1) if xf.shape[-1] else torch.zeros(xf.shape[:-1], dtype=_F32)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    y = torch.clamp(torch.round(xf / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
-    return y, scale
-
-
+@LIB.impl("npu_dynamic_quant")
 def npu_dynamic_quant(input: torch.Tensor, *, smooth_scales: torch.Tensor | None = None,  # noqa: A002
                       group_index: torch.Tensor | None = None, dst_type: torch.dtype | None = None,
                       quant_mode: str = "pertoken", dst_type_max: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: scale = rowmax(|x * smooth|) / 127, y = round(x * smooth / scale).
 
-    input fp16/bf16 with dim > 1 (documented); returns (int8 y like input, float32 scale = input.shape[:-1]).
+    input fp16/bf16 with dim > 1 (DOC:4654); returns (int8 y like input, float32 scale = input.shape[:-1]).
     group_index (MoE) applies smooth_scales[i] to rows [group_index[i-1], group_index[i])."""
     _dtypes("npu_dynamic_quant input", input, _LOW)
     _need(input.dim() > 1, "npu_dynamic_quant: input must have more than one dimension")
@@ -133,9 +118,13 @@ def npu_dynamic_quant(input: torch.Tensor, *, smooth_scales: torch.Tensor | None
     return _per_token_int8(xf)
 
 
+@LIB.impl("npu_quant_matmul")
 def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset: torch.Tensor | None = None,
                      pertoken_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                     output_dtype: torch.dtype | None = None, group_sizes: list[int] | None = None) -> torch.Tensor:
+                     output_dtype: torch.dtype | None = None, x1_dtype: torch.dtype | None = None,
+                     x2_dtype: torch.dtype | None = None, pertoken_scale_dtype: torch.dtype | None = None,
+                     scale_dtype: torch.dtype | None = None, group_sizes: list[int] | None = None,
+                     y_scale: torch.Tensor | None = None) -> torch.Tensor:
     """int8 x1 [..., M, K] @ int8 x2 [..., K, N] with an exact int32 accumulator, then dequantized.
 
     x2 is the weight as [K, N] (on the NPU usually the transposed view of an [N, K] weight).
@@ -144,7 +133,9 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
     * pertoken_scale [M] given: y = (acc * pertoken_scale) * scale (per channel [N] or [1]), bf16/fp16 out.
       The float order is the one ops/quant.py fixes as golden (the doc's formula does not pin it).
     * otherwise: y = acc * scale + offset, fp16/bf16, or int8 when output_dtype is None/int8.
-    Documented limits: last dims of x1 and x2 <= 65535; int32 (packed int4) inputs are not covered."""
+    Documented limits (DOC:4952): last dims of x1 and x2 <= 65535; int32 (packed int4) inputs are not covered."""
+    if any(v is not None for v in (x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, y_scale)):
+        raise NotImplementedError("npu_quant_matmul stand-in: x1/x2/scale dtype overrides (fp8/int4) and y_scale")
     if x1.dtype == torch.int32 or x2.dtype == torch.int32:
         raise NotImplementedError("npu_quant_matmul stand-in: int4 packed in int32 is not covered")
     _need(x1.dtype == torch.int8 and x2.dtype == torch.int8, "npu_quant_matmul: x1 and x2 must both be int8")
@@ -179,44 +170,6 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
 
 
 # ---- MoE routing ---------------------------------------------------------------------------------------------
-def _group_limited_topk(choice: torch.Tensor, k: int, k_group: int, group_count: int,
-                        group_select_mode: int) -> torch.Tensor:
-    """Top-k indices of `choice` [T, E] within the best k_group of group_count expert groups. Stable:
-    among equal scores the lower expert index wins (the golden uses a stable argsort)."""
-    T, E = choice.shape
-    if group_count > 1:
-        g = choice.reshape(T, group_count, E // group_count)
-        if group_select_mode == 0:
-            gscore = g.amax(dim=-1)
-        else:
-            gscore = torch.topk(g, 2, dim=-1).values.sum(dim=-1)
-        keep = torch.sort(-gscore, dim=-1, stable=True).indices[:, :k_group]
-        mask = torch.ones(T, group_count, dtype=torch.bool)
-        mask.scatter_(1, keep, False)
-        choice = torch.where(mask.unsqueeze(-1), float("-inf"), g).reshape(T, E)
-    return torch.sort(-choice, dim=-1, stable=True).indices[:, :k]
-
-
-def gating_top_k(scores: torch.Tensor, k: int, bias: torch.Tensor | None, input_ids: torch.Tensor | None,
-                 tid2eid: torch.Tensor | None, k_group: int, group_count: int, group_select_mode: int,
-                 renormalize: bool, routed_scaling_factor: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection and weighting shared by npu_moe_gating_top_k and the custom hash variant: ids from the
-    hash table (input_ids, tid2eid) or the group-limited top-k of scores + bias; weights are the unbiased
-    scores at those ids, renormalized (sigmoid / sqrtsoftplus) with eps, times routed_scaling_factor."""
-    T, E = scores.shape
-    if tid2eid is not None:
-        _need(input_ids is not None and input_ids.shape == (T,), "gating: hash mode needs input_ids [T]")
-        _need(tid2eid.dim() == 2 and tid2eid.shape[1] == k, f"gating: tid2eid must be [vocab, {k}]")
-        idx = tid2eid[input_ids.to(torch.int64)].to(torch.int64)
-    else:
-        choice = scores + bias.to(_F32) if bias is not None else scores
-        idx = _group_limited_topk(choice, k, k_group, group_count, group_select_mode)
-    y = torch.gather(scores, 1, idx)
-    if renormalize:
-        y = y / (y.sum(dim=-1, keepdim=True) + eps)
-    return y * routed_scaling_factor, idx
-
-
 def _check_gating(x: torch.Tensor, k: int, bias: torch.Tensor | None, k_group: int, group_count: int,
                   renorm: int, max_experts: int) -> None:
     _need(x.dim() == 2, "gating: x must be 2-D [T, E]")
@@ -232,6 +185,7 @@ def _check_gating(x: torch.Tensor, k: int, bias: torch.Tensor | None, k_group: i
         _need(bias.shape == (E,) and bias.dtype == x.dtype, "gating: bias must be [E] with x's dtype")
 
 
+@LIB.impl("npu_moe_gating_top_k")
 def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
                          input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
                          k_group: int = 1, group_count: int = 1, group_select_mode: int = 0, renorm: int = 0,
@@ -239,47 +193,60 @@ def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias: torch.Tensor | None =
                          eps: float = 1e-20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router: norm = softmax (norm_type 0) or sigmoid (1) of x [T, E]; ids = group-limited top-k of
     norm + bias (or tid2eid[input_ids] in hash mode); y = norm at ids, divided by (sum + eps) for sigmoid,
-    times routed_scaling_factor. Returns (y like x, int32 ids [T, k], float32 norm [T, E] if out_flag)."""
+    times routed_scaling_factor (DOC:10815). Returns (y like x, int32 ids [T, k], float32 norm [T, E]; the real
+    op always allocates norm, its values are defined only with out_flag)."""
     _check_gating(x, k, bias, k_group, group_count, renorm, 2048)
     _need(norm_type in (0, 1), f"npu_moe_gating_top_k: norm_type {norm_type} (0 softmax, 1 sigmoid)")
-    xf = x.to(_F32)
-    norm = torch.softmax(xf, dim=-1) if norm_type == 0 else torch.sigmoid(xf)
+    norm = gating_norm(x.to(_F32), norm_type)
     y, idx = gating_top_k(norm, k, bias, input_ids, tid2eid, k_group, group_count, group_select_mode,
                           norm_type == 1, routed_scaling_factor, eps)
-    return y.to(x.dtype), idx.to(torch.int32), (norm if out_flag else None)
+    return y.to(x.dtype), idx.to(torch.int32), norm
 
 
+@LIB.impl("npu_moe_init_routing_v2")
 def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: torch.Tensor | None = None,
                             offset: torch.Tensor | None = None, active_num: int = -1, expert_capacity: int = -1,
                             expert_num: int = -1, drop_pad_mode: int = 0, expert_tokens_num_type: int = 0,
                             expert_tokens_num_flag: bool = False, quant_mode: int = -1,
-                            active_expert_range: Sequence[int] = (), row_idx_type: int = 0
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Permute token copies into expert-contiguous order (dropless mode).
+                            active_expert_range: Sequence[int] = (), row_idx_type: int = 0,
+                            x_dtype: torch.dtype | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permute token copies into expert-contiguous order (dropless mode), DOC:11081.
 
     The T*k copies (flat index t*k + j, row-major over expert_idx [T, k]) are stably sorted by expert id;
     only ids in active_expert_range [start, end) are kept (expert parallelism: the local experts).
-    Returns (expanded_x [n_active, H], expanded_row_idx int32 [T*k], counts int64 [end-start] (cumsum for
-    expert_tokens_num_type 0, counts for 1; None unless expert_tokens_num_flag), expanded_scale).
-    expanded_row_idx with row_idx_type 0 (gather index, used here) maps each source copy to its row in
-    expanded_x, -1 for copies outside the range; with row_idx_type 1 (scatter index) it lists the source
-    copy of each expanded row. quant_mode 1 also quantizes expanded_x per row to int8 (scale = rowmax/127)."""
+    Returns (expanded_x [T*k, H] whose first n_active rows are valid (the rest undefined; zeros here),
+    expanded_row_idx int32 [T*k], counts int64 [end-start] (expert_tokens_num_type 1), expanded_scale float32
+    [T*k]). expanded_row_idx with row_idx_type 0 (gather index) maps each source copy to its row in expanded_x,
+    -1 for copies outside the range; with row_idx_type 1 (scatter index) it lists the source copy of each
+    expanded row. quant_mode 1 also quantizes expanded_x per row to int8 (scale = rowmax/127).
+    The doc: "drop_pad_mode 当前仅支持0", "expert_tokens_num_type 当前仅支持1和2", "expert_tokens_num_flag 当前仅支持
+    True", "quant_mode 当前仅支持-1和1" (0, static quant, is the 2.9.0 wheel's default: callers pass it explicitly)."""
     _need(x.dim() == 2 and expert_idx.dim() == 2 and x.shape[0] == expert_idx.shape[0],
           "npu_moe_init_routing_v2: x [T, H] and expert_idx [T, k] required")
     _dtypes("npu_moe_init_routing_v2 x", x, (*_FLOAT, torch.int8))
     _need(expert_idx.dtype == torch.int32, "npu_moe_init_routing_v2: expert_idx must be int32")
-    if drop_pad_mode != 0:
-        raise NotImplementedError("npu_moe_init_routing_v2 stand-in: drop_pad_mode 1")
-    if quant_mode not in (-1, 1):
-        raise NotImplementedError(f"npu_moe_init_routing_v2 stand-in: quant_mode {quant_mode}")
+    _need(drop_pad_mode == 0, f"npu_moe_init_routing_v2: drop_pad_mode {drop_pad_mode}; only 0 is supported")
+    _need(quant_mode in (-1, 1), f"npu_moe_init_routing_v2: quant_mode {quant_mode}; only -1 and 1 are supported "
+                                 "(0, static quant, is not)")
+    _need(expert_tokens_num_flag, "npu_moe_init_routing_v2: expert_tokens_num_flag must be True")
+    _need(expert_tokens_num_type in (1, 2), f"npu_moe_init_routing_v2: expert_tokens_num_type "
+                                            f"{expert_tokens_num_type}; only 1 (count) and 2 (key_value)")
+    if expert_tokens_num_type == 2 or x_dtype is not None:
+        raise NotImplementedError("npu_moe_init_routing_v2 stand-in: key_value counts / x_dtype")
+    _need(expert_num > 0, "npu_moe_init_routing_v2: expert_num must be > 0")
+    _need(expert_num <= 10240, "npu_moe_init_routing_v2: expert_num must be <= 10240")
+    _need(quant_mode == -1 or x.dtype != torch.int8, "npu_moe_init_routing_v2: int8 x cannot be quantized again")
     T, k = expert_idx.shape
     if len(active_expert_range):
+        _need(len(active_expert_range) == 2, "npu_moe_init_routing_v2: active_expert_range is [start, end]")
         start, end = int(active_expert_range[0]), int(active_expert_range[1])
     else:
-        _need(expert_num > 0, "npu_moe_init_routing_v2: expert_num or active_expert_range is required")
         start, end = 0, expert_num
-    _need(0 <= start < end and (expert_num < 0 or end <= expert_num), "npu_moe_init_routing_v2: bad expert range")
+    _need(0 <= start < end <= expert_num, "npu_moe_init_routing_v2: active_expert_range must lie in [0, expert_num]")
     flat = expert_idx.reshape(-1).to(torch.int64)
+    # the doc: ids must not exceed the expert count (ids below the range, e.g. -1, are simply not active)
+    _need(T * k == 0 or int(flat.max()) < expert_num, "npu_moe_init_routing_v2: expert ids must be < expert_num")
     in_range = (flat >= start) & (flat < end)
     n_active = int(in_range.sum())
     # ids below the range sort last (the golden maps them to INT32_MAX); ids above it already sort after it
@@ -291,38 +258,34 @@ def npu_moe_init_routing_v2(x: torch.Tensor, expert_idx: torch.Tensor, *, scale:
     if row_idx_type == 1:
         row_idx = order.to(torch.int32)
     else:
+        _need(row_idx_type == 0, f"npu_moe_init_routing_v2: row_idx_type {row_idx_type} (0 gather, 1 scatter)")
         row_idx = torch.full((T * k,), -1, dtype=torch.int32)
         row_idx[src] = torch.arange(n_active, dtype=torch.int32)
-    expanded_x = x[src // k] if k else x[:0]
-    counts = None
-    if expert_tokens_num_flag:
-        _need(expert_tokens_num_type in (0, 1), "npu_moe_init_routing_v2 stand-in: expert_tokens_num_type 0/1")
-        counts = torch.bincount(flat[src] - start, minlength=end - start).to(torch.int64)
-        if expert_tokens_num_type == 0:
-            counts = torch.cumsum(counts, 0)
-    expanded_scale = None
+    valid = x[src // k] if k else x[:0]
+    counts = torch.bincount(flat[src] - start, minlength=end - start).to(torch.int64)
+    expanded_scale = torch.zeros(T * k, dtype=_F32)
     if quant_mode == 1:
-        xf = expanded_x.to(_F32)
+        xf = valid.to(_F32)
         if scale is not None:
             _need(scale.dim() == 2 and scale.shape[1] == x.shape[1] and scale.shape[0] in (1, end - start),
                   "npu_moe_init_routing_v2: dynamic-quant scale must be [1, H] or [end-start, H]")
             xf = xf * (scale[0] if scale.shape[0] == 1 else scale[flat[src] - start]).to(_F32)
-        expanded_x, expanded_scale = _per_token_int8(xf)
+        valid, qs = _per_token_int8(xf)
+        expanded_scale[:n_active] = qs
     elif scale is not None:
         _need(scale.dim() == 1 and scale.shape[0] == T, "npu_moe_init_routing_v2: scale must be [T]")
-        expanded_scale = scale[src // k]
+        expanded_scale[:n_active] = scale[src // k].to(_F32)
+    expanded_x = torch.zeros((T * k, x.shape[1]), dtype=valid.dtype)
+    expanded_x[:n_active] = valid
     return expanded_x, row_idx, counts, expanded_scale
 
 
-def _group_offsets(group_list: torch.Tensor | Sequence[int], group_list_type: int, n_groups: int,
-                   M: int) -> list[int]:
-    """Row offsets [0, e_1, ..., e_G] of the groups, from cumsum (type 0) or counts (type 1)."""
-    if isinstance(group_list, torch.Tensor):
-        _need(group_list.dim() == 1 and group_list.dtype == torch.int64, "npu_grouped_matmul: group_list must be "
-                                                                           "a 1-D int64 tensor")
-        vals = group_list.tolist()
-    else:  # a List[int] is always the cumsum form
-        vals, group_list_type = list(group_list), 0
+def _group_offsets(group_list: torch.Tensor, group_list_type: int, n_groups: int, M: int) -> list[int]:
+    """Row offsets [0, e_1, ..., e_G] of the groups, from cumsum (type 0) or counts (type 1); they may end
+    before M (trailing rows belong to no group)."""
+    _need(group_list.dim() == 1 and group_list.dtype == torch.int64, "npu_grouped_matmul: group_list must be a 1-D "
+                                                                     "int64 tensor")
+    vals = group_list.tolist()
     _need(len(vals) == n_groups, f"npu_grouped_matmul: group_list has {len(vals)} entries for {n_groups} groups")
     _need(all(v >= 0 for v in vals), "npu_grouped_matmul: group_list must be non-negative")
     if group_list_type == 1:
@@ -330,37 +293,40 @@ def _group_offsets(group_list: torch.Tensor | Sequence[int], group_list_type: in
         for v in vals:
             acc += v
             ends.append(acc)
-        _need(acc == M, f"npu_grouped_matmul: group sizes sum to {acc}, x has {M} rows")
     elif group_list_type == 0:
         ends = vals
         _need(all(a <= b for a, b in zip(ends, ends[1:], strict=False)), "npu_grouped_matmul: cumsum must not "
                                                                           "decrease")
-        _need(not ends or ends[-1] == M, f"npu_grouped_matmul: cumsum ends at {ends[-1] if ends else 0}, x has "
-                                         f"{M} rows")
     else:
         raise NotImplementedError(f"npu_grouped_matmul stand-in: group_list_type {group_list_type}")
+    _need(not ends or ends[-1] <= M, f"npu_grouped_matmul: groups cover {ends[-1] if ends else 0} rows, x has {M}")
     return [0, *ends]
 
 
+@LIB.impl("npu_grouped_matmul")
 def npu_grouped_matmul(x: list[torch.Tensor], weight: list[torch.Tensor], *, bias: list[torch.Tensor] | None = None,
                        scale: list[torch.Tensor] | None = None, offset: list[torch.Tensor] | None = None,
                        antiquant_scale: list[torch.Tensor] | None = None,
                        antiquant_offset: list[torch.Tensor] | None = None,
                        per_token_scale: list[torch.Tensor] | None = None,
-                       group_list: torch.Tensor | Sequence[int] | None = None,
+                       group_list: torch.Tensor | None = None,
                        activation_input: list[torch.Tensor] | None = None,
                        activation_quant_scale: list[torch.Tensor] | None = None,
-                       activation_quant_offset: list[torch.Tensor] | None = None, split_item: int = 0,
-                       group_type: int | None = -1, group_list_type: int = 0, act_type: int = 0,
-                       output_dtype: torch.dtype | None = None, tuning_config: list[int] | None = None,
-                       x_dtype: object = None, weight_dtype: object = None, scale_dtype: object = None,
-                       per_token_scale_dtype: object = None) -> list[torch.Tensor]:
+                       activation_quant_offset: list[torch.Tensor] | None = None, split_item: int | None = 0,
+                       group_type: int | None = None, group_list_type: int | None = 0, act_type: int | None = 0,
+                       tuning_config: list[int] | None = None, output_dtype: torch.dtype | None = None,
+                       x_dtype: torch.dtype | None = None, weight_dtype: torch.dtype | None = None,
+                       scale_dtype: torch.dtype | None = None,
+                       per_token_scale_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Grouped GEMM split along M (group_type 0): rows [off_g, off_g+1) of the single x [M, K] times
     weight g ([K, N]; `weight` is one [G, K, N] tensor or a list of G [K, N] tensors).
 
     Float: y_g = x_g @ w_g (+ bias_g). Quantized (int8 x and weight): y_g = (acc_g (+ int32 bias_g))
     * scale_g * per_token_scale (formula 3 of the doc), output bf16/fp16. split_item 2/3 returns [y] with
-    all groups in one [M, N] tensor, 0/1 one tensor per group. Empty groups and M = 0 are fine."""
+    all groups in one [M, N] tensor, 0/1 one tensor per group. Empty groups and M = 0 are fine. The groups may
+    cover fewer than M rows (init_routing's padded output); the rows past them are undefined (zeros here). DOC:5798"""
+    if any(v is not None for v in (x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)):
+        raise NotImplementedError("npu_grouped_matmul stand-in: x/weight/scale dtype overrides (fp8/int4)")
     if any(a is not None for a in (offset, antiquant_scale, antiquant_offset, activation_input,
                                     activation_quant_scale, activation_quant_offset)):
         raise NotImplementedError("npu_grouped_matmul stand-in: offset / antiquant / activation_* arguments")
@@ -418,58 +384,74 @@ def npu_grouped_matmul(x: list[torch.Tensor], weight: list[torch.Tensor], *, bia
                 y = y + bs[g].to(y.dtype)
         outs.append(y.to(out_dtype))
     if split_item in (2, 3):
-        return [torch.cat(outs, 0) if outs else torch.zeros((M, N), dtype=out_dtype)]
+        y = torch.zeros((M, N), dtype=out_dtype)
+        if outs:
+            y[:off[-1]] = torch.cat(outs, 0)
+        return [y]
     _need(split_item in (0, 1), f"npu_grouped_matmul: split_item {split_item}")
     return outs
 
 
+@LIB.impl("npu_moe_finalize_routing")
 def npu_moe_finalize_routing(expanded_permuted_rows: torch.Tensor, skip1: torch.Tensor | None,
                              skip2: torch.Tensor | None, bias: torch.Tensor | None, scales: torch.Tensor | None,
-                             expanded_src_to_dst_row: torch.Tensor, expert_for_source_row: torch.Tensor | None,
-                             drop_pad_mode: int = 0, k: int = 1) -> torch.Tensor:
-    """out[i] = skip1[i] + skip2[i] + sum_j scales[i, j] * (rows[map(i, j)] + bias[expert(i, j)]).
+                             expanded_src_to_dst_row: torch.Tensor, export_for_source_row: torch.Tensor | None,
+                             drop_pad_mode: int | None = 0, k: int | None = 1) -> torch.Tensor:
+    """out[i] = skip1[i] + skip2[i] + sum_j scales[i, j] * (rows[map[i + j * num_rows]] + bias[expert(i, j)]),
+    DOC:10598 (the map is column-major: entry i + j*num_rows is copy j of row i).
 
-    map(i, j) = expanded_src_to_dst_row[j * num_rows + i] for drop_pad_mode 0 (column-major) or
-    [i * K + j] for mode 2 (row-major, the order npu_moe_init_routing_v2 uses); a -1 entry (a copy routed
-    to another rank's expert) contributes a zero row. K comes from scales, or from `k` when scales is None.
-    The k terms are added in ascending j."""
-    _need(drop_pad_mode in (0, 2), f"npu_moe_finalize_routing stand-in: drop_pad_mode {drop_pad_mode} (0/2)")
+    The doc's limits: drop_pad_mode only 0; map values in [0, num_rows*K - 1] (no -1); skip1/skip2/bias/scales
+    in expanded_permuted_rows' dtype; skip2 needs skip1; "when scales is None, k must be given" (k exists only
+    in the torch-npu 2.14.0 schema, not in 2.9.0: callers that pass scales need no k). The k terms are added
+    in ascending j."""
     rows = expanded_permuted_rows
-    _need(rows.dim() == 2, "npu_moe_finalize_routing: expanded_permuted_rows must be 2-D in dropless mode")
-    _dtypes("npu_moe_finalize_routing rows", rows, _FLOAT)
-    _need(expanded_src_to_dst_row.dtype == torch.int32, "npu_moe_finalize_routing: map must be int32")
+    _need(drop_pad_mode == 0, f"npu_moe_finalize_routing: drop_pad_mode {drop_pad_mode}; only 0 is supported")
+    _need(rows.dim() == 2, "npu_moe_finalize_routing: expanded_permuted_rows must be 2-D")
+    _dtypes("npu_moe_finalize_routing expanded_permuted_rows", rows, _FLOAT)
+    _need(expanded_src_to_dst_row.dim() == 1 and expanded_src_to_dst_row.dtype == torch.int32,
+          "npu_moe_finalize_routing: expanded_src_to_dst_row must be 1-D int32")
+    for name, t in (("skip1", skip1), ("skip2", skip2), ("bias", bias), ("scales", scales)):
+        _need(t is None or t.dtype == rows.dtype, f"npu_moe_finalize_routing: {name} must have "
+                                                  f"expanded_permuted_rows' dtype {rows.dtype}")
+    _need(skip2 is None or skip1 is not None, "npu_moe_finalize_routing: skip2 needs skip1")
     K = scales.shape[1] if scales is not None else k
     NK = expanded_src_to_dst_row.shape[0]
-    _need(K > 0 and NK % K == 0, "npu_moe_finalize_routing: map length must be a multiple of K")
+    _need(K is not None and K > 0 and NK % K == 0, "npu_moe_finalize_routing: map length must be a multiple of K")
     num_rows, H = NK // K, rows.shape[1]
-    if skip2 is not None:
-        _need(skip1 is not None, "npu_moe_finalize_routing: skip2 needs skip1")
-    out = torch.zeros((num_rows, H), dtype=_F32)
-    if skip1 is not None:
-        out = out + skip1.to(_F32)
-    if skip2 is not None:
-        out = out + skip2.to(_F32)
+    _need(scales is None or scales.shape == (num_rows, K), f"npu_moe_finalize_routing: scales must be "
+                                                           f"[{num_rows}, {K}]")
     m = expanded_src_to_dst_row.to(torch.int64)
-    m = m.reshape(K, num_rows).t() if drop_pad_mode == 0 else m.reshape(num_rows, K)
-    padded = torch.cat([rows.to(_F32), torch.zeros((1, H), dtype=_F32)], 0)  # row -1 reads zeros
+    _need(NK == 0 or (int(m.min()) >= 0 and int(m.max()) < rows.shape[0]),
+          f"npu_moe_finalize_routing: expanded_src_to_dst_row values must be in [0, {rows.shape[0] - 1}]")
+    out = torch.zeros((num_rows, H), dtype=_F32)
+    for t in (skip1, skip2):
+        if t is not None:
+            _need(t.shape == (num_rows, H), f"npu_moe_finalize_routing: skip must be [{num_rows}, {H}]")
+            out = out + t.to(_F32)
+    m = m.reshape(K, num_rows).t()
+    rf = rows.to(_F32)
     for j in range(K):
-        mj = m[:, j]
-        r = padded[torch.where(mj >= 0, mj, rows.shape[0])]
+        r = rf[m[:, j]]
         if bias is not None:
-            _need(expert_for_source_row is not None, "npu_moe_finalize_routing: bias needs expert_for_source_row")
-            r = r + bias.to(_F32)[expert_for_source_row[:, j].to(torch.int64)]
+            _need(export_for_source_row is not None, "npu_moe_finalize_routing: bias needs export_for_source_row")
+            r = r + bias.to(_F32)[export_for_source_row[:, j].to(torch.int64)]
         out = out + (r * scales[:, j:j + 1].to(_F32) if scales is not None else r)
     return out.to(rows.dtype)
 
 
 # ---- grouped projection and mHC (950) ----------------------------------------------------------------------
+@LIB.impl("npu_transpose_batchmatmul")
 def npu_transpose_batchmatmul(input: torch.Tensor, weight: torch.Tensor, *,  # noqa: A002
                               bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                              perm_x1: Sequence[int] = (0, 1, 2), perm_x2: Sequence[int] = (0, 1, 2),
-                              perm_y: Sequence[int] = (1, 0, 2), batch_split_factor: int = 1) -> torch.Tensor:
+                              perm_x1: Sequence[int] | None = None, perm_x2: Sequence[int] | None = None,
+                              perm_y: Sequence[int] | None = None, batch_split_factor: int | None = 1) -> torch.Tensor:
     """Batched matmul with transposes: (input permuted by perm_x1 -> [B, M, K]) @ weight [B, K, N] -> [B, M, N],
     permuted by perm_y ([1, 0, 2] -> [M, B, N]). Documented: perm_x1 in {[0,1,2], [1,0,2]}, perm_x2 [0,1,2],
-    perm_y [1,0,2]; K and N multiples of 16; bias unsupported; fp16/bf16/fp32."""
+    perm_y [1,0,2]; K and N multiples of 16; bias unsupported; fp16/bf16/fp32 (DOC:5612). None perms are the
+    identity for x1/x2 and [1, 0, 2] for y (the documented defaults)."""
+    perm_x1 = (0, 1, 2) if perm_x1 is None else perm_x1
+    perm_x2 = (0, 1, 2) if perm_x2 is None else perm_x2
+    perm_y = (1, 0, 2) if perm_y is None else perm_y
     _need(input.dim() == 3 and weight.dim() == 3, "npu_transpose_batchmatmul: 3-D input and weight")
     _dtypes("npu_transpose_batchmatmul input", input, _FLOAT)
     _need(tuple(perm_x1) in ((0, 1, 2), (1, 0, 2)) and tuple(perm_x2) == (0, 1, 2) and tuple(perm_y) == (1, 0, 2),
@@ -484,6 +466,7 @@ def npu_transpose_batchmatmul(input: torch.Tensor, weight: torch.Tensor, *,  # n
     return torch.matmul(a, weight).permute(*perm_y)
 
 
+@LIB.impl("npu_mhc_pre")
 def npu_mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, *,
                 gamma: torch.Tensor | None = None, norm_eps: float = 1e-6, hc_eps: float = 1e-6, out_flag: int = 0,
                 inner_precise: int = 0) -> tuple[torch.Tensor | None, ...]:
@@ -493,7 +476,7 @@ def npu_mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: t
 
     x [T, n, D] fp16/bf16, n in {4, 6, 8}, D a multiple of 16. Returns (h_in like x, h_post f32 [T, n],
     h_res f32 [T, n, n], inv_rms, h_mix, h_pre) with the last three only when out_flag=1. (The doc lists
-    h_post's shape as [T, D]; h_post is the per-stream weight that npu_mhc_post takes as [T, n].)"""
+    h_post's shape as [T, D]; h_post is the per-stream weight that npu_mhc_post takes as [T, n].) DOC:4002"""
     _dtypes("npu_mhc_pre x", x, _LOW)
     _need(x.dim() == 3, "npu_mhc_pre stand-in: x [T, n, D]")
     T, n, D = x.shape
@@ -515,35 +498,32 @@ def npu_mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: t
     h_in = torch.einsum("tn,tnd->td", h_pre, xf).to(x.dtype)
     if out_flag:
         return h_in, h_post, h_res, inv_rms, mix, h_pre
-    return h_in, h_post, h_res, None, None, None
+    return h_in, h_post, h_res, _EMPTY, _EMPTY, _EMPTY
 
 
-def npu_mhc_sinkhorn(x: torch.Tensor, eps: float = 1e-6, num_iters: int = 20,
-                     out_flag: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Sinkhorn (950): softmax(x, -1) + eps, divide by (column sums + eps), then num_iters - 1 times
+@LIB.impl("npu_mhc_sinkhorn")
+def npu_mhc_sinkhorn(x: torch.Tensor, *, eps: float = 1e-6, num_iters: int = 20,
+                     out_flag: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sinkhorn (950), DOC:4112: softmax(x, -1) + eps, divide by (column sums + eps), then num_iters - 1 times
     row-normalize and column-normalize (each sum + eps). x float32 [T, n, n], n in {4, 6, 8}."""
     _need(x.dtype == _F32, "npu_mhc_sinkhorn: x must be float32")
     _need(x.shape[-1] == x.shape[-2] and x.shape[-1] in (4, 6, 8), "npu_mhc_sinkhorn: x [.., n, n], n in 4/6/8")
     _need(1 <= num_iters <= 100, "npu_mhc_sinkhorn: num_iters in [1, 100]")
     if out_flag:
         raise NotImplementedError("npu_mhc_sinkhorn stand-in: out_flag=1 (training intermediates)")
-    c = torch.softmax(x, dim=-1) + eps
-    c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(num_iters - 1):
-        c = c / (c.sum(dim=-1, keepdim=True) + eps)
-        c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    return c, None, None
+    return sinkhorn(x, num_iters, eps), _EMPTY, _EMPTY
 
 
-# the functions above, for `dsv4 doctor` and for the backend's kernel check
-FUNCTIONS = tuple(sorted(name for name in globals() if name.startswith("npu_")))
-
-
-# the MC2 expert-parallel pair lives in its own module (it needs torch.distributed); re-exported so this
-# module offers the whole torch_npu surface the port calls
-from .mc2_standin import (  # noqa: E402, F401
+# the MC2 expert-parallel pair lives in its own module (it needs torch.distributed); imported so this module
+# offers the whole torch_npu surface the port calls
+from .mc2 import (  # noqa: E402
     npu_moe_distribute_combine,
     npu_moe_distribute_combine_v2,
     npu_moe_distribute_dispatch,
     npu_moe_distribute_dispatch_v2,
 )
+
+# the ops defined above, for `dsv4 doctor` and for the backend's kernel check
+FUNCTIONS = tuple(sorted(LIB.schemas))
+__all__ = ["LIB", "FUNCTIONS", *FUNCTIONS, "npu_moe_distribute_combine", "npu_moe_distribute_combine_v2",
+           "npu_moe_distribute_dispatch", "npu_moe_distribute_dispatch_v2"]
