@@ -374,16 +374,15 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
 def probe_model(spec: str) -> tuple[Any, Any, str]:
     """Config, tokenizer and a description of a model without reading its weights (the launcher checks
     the expert split and builds the prompts before starting any rank)."""
-    from common.config import PRESET_DIR, ConfigError, load_config, load_preset
-    from common.loading import is_preset, load_tokenizer
+    from common.config import ConfigError, load_config, load_preset
+    from common.loading import is_preset, load_tokenizer, preset_tokenizer
 
     if is_preset(spec):
         cfg, preset = load_preset(spec)
         if not preset.get("random_weights"):
             raise ConfigError(f"preset {spec!r} describes the released model's shape only and has no weights; "
                               f"pass --model with a checkpoint directory")
-        tok = preset.get("tokenizer")
-        return cfg, (load_tokenizer(PRESET_DIR / tok) if tok else None), f"preset {spec}"
+        return cfg, preset_tokenizer(preset.get("tokenizer")), f"preset {spec}"
     cfg = load_config(spec)
     return cfg, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec)
 

@@ -32,6 +32,20 @@ def load_tokenizer(path: Path) -> Any | None:
         raise ConfigError(f"{path}: cannot read tokenizer ({e})") from None
 
 
+def preset_tokenizer(name: str | None) -> Any | None:
+    """A preset's `tokenizer:` entry: a file in configs/models, or `deepseek-v4` for the release tokenizer."""
+    if not name:
+        return None
+    from .chat import V4_TOKENIZER, load_v4_tokenizer
+
+    if name == V4_TOKENIZER:
+        try:
+            return load_v4_tokenizer()
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    return load_tokenizer(PRESET_DIR / name)
+
+
 def is_preset(spec: str) -> bool:
     return not Path(spec).exists() and spec in preset_names()
 
@@ -82,8 +96,7 @@ def load_model(spec: str, log=None, experts: range | None = None, rank: int | No
 
             for k in [k for k in weights if (pe := parse_expert(k)) is not None and pe[1] not in experts]:
                 del weights[k]
-        tok = preset.get("tokenizer")
-        tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
+        tokenizer = preset_tokenizer(preset.get("tokenizer"))
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
     cfg = load_config(spec)
     ckpt = Checkpoint(spec, split_indexes(Path(spec), rank, world))

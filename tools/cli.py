@@ -26,6 +26,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as one user turn of the DeepSeek-V4 chat format (as `dsv4 serve` does)")
+    p.add_argument("--thinking", action="store_true", help="with --chat: thinking mode (reply opens with <think>)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
     p.add_argument("--record-ops", metavar="FILE.npz",
