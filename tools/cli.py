@@ -190,10 +190,48 @@ def cmd_deploy(args) -> int:
     return run_deploy(args)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+                                   "Stops cleanly on SIGINT/SIGTERM.")
+    p.add_argument("--model", required=True, help="model directory or preset name (tiny-chat has the V4 tokenizer)")
+    p.add_argument("--backend", default="cpu", help="compute backend (cpu = the NumPy reference, torch, mindspore)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="activation dtype handed to the backend")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed at start)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + reply tokens per sequence (default min(max_position_embeddings, 4096))")
+    p.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens per engine step: one per decoding sequence, the rest for prompt chunks")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests that may wait for admission before new ones get 429 (default 8 x max-num-seqs)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="cache budget in tokens over all sequences (default max-num-seqs x max-model-len)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $DSV4_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
+    d = p.add_argument_group("multi-rank (rank 0 serves HTTP; all ranks step the same batch, MoE expert parallel)")
+    d.add_argument("--nproc", type=int, default=1, help="ranks to launch on this node; under torchrun: one rank")
+    d.add_argument("--device", choices=("cpu", "npu"), default="cpu")
+    d.add_argument("--moe-comm", choices=("auto", "allgather", "alltoall", "dispatch_combine"), default="auto")
+    d.add_argument("--soc", choices=("A2", "A3", "950"), default=None)
+    d.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait; a dead or stuck rank stops the server within it")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from tools.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 on Ascend: CPU reference and tools")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan, _add_deploy):
+    for add in (_add_generate, _add_serve, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan,
+                _add_deploy):
         add(sub)
     return ap
 
