@@ -90,14 +90,17 @@ class NumpyBackend:
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         if not isinstance(w, np.ndarray):
             return w.matmul(x)  # quantized weights carry their own kernel (same arithmetic as the NPU)
-        return x @ w.T
+        # W @ x^T rather than x @ W^T: OpenBLAS runs the latter several times slower for a few rows (a batch of
+        # decode tokens), which would make continuous batching pointless on the reference backend
+        x2 = x.reshape(-1, x.shape[-1])
+        return np.ascontiguousarray((w @ x2.T).T).reshape(*x.shape[:-1], w.shape[0])
 
     def grouped_linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         T, G, K = x.shape
         wd = dense(w).reshape(G, -1, K)
-        # [G, T, K] @ [G, K, N] -> [G, T, N]
-        y = np.matmul(x.transpose(1, 0, 2), wd.transpose(0, 2, 1))
-        return y.transpose(1, 0, 2)
+        # [G, N, K] @ [G, K, T] -> [G, N, T] (weight-major, as in `linear`)
+        y = np.matmul(wd, x.transpose(1, 2, 0))
+        return np.ascontiguousarray(y.transpose(2, 0, 1))
 
     def rope_freqs(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions.astype(F32)[:, None] * inv_freq.astype(F32)[None, :]
