@@ -180,6 +180,11 @@ def _add_deploy(sub) -> None:
     p.add_argument("--context", type=int, default=131072, help="context used by the memory plan")
     p.add_argument("--concurrency", type=int, default=1, help="concurrency used by the memory plan")
     p.add_argument("--master-port", type=int, default=None, help="override launcher.master_port")
+    p.add_argument("--job", choices=("serve", "generate"), default=None,
+                   help="what the launch scripts start: `dsv4 serve` with a health check (default with torchrun) "
+                        "or one-shot `dsv4 generate` (default with msrun)")
+    p.add_argument("--serve-host", default="0.0.0.0", help="address the rendered server listens on")
+    p.add_argument("--serve-port", type=int, default=8000, help="port the rendered server listens on")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.set_defaults(func=cmd_deploy)
 
