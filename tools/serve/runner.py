@@ -12,6 +12,7 @@ and the backend's sampler draws one uniform per row, so a request's tokens do no
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,13 +166,19 @@ class DistributedRunner:
 
 
 def worker_loop(model: Any, rank: int, world: int, ctrl: Any) -> None:
-    """Ranks other than 0: apply every plan rank 0 broadcasts until it says stop."""
+    """Ranks other than 0: apply every plan rank 0 broadcasts until it says stop. The fault-injection hook of
+    ascend/distributed.py (DSV4_FAULT_INJECT=rank:R,step:S[,hang:1], tests only) counts plans here."""
+    import os
+
     import torch.distributed as dist
 
+    from ascend.distributed import FAULT_ENV, _maybe_fault, _parse_fault
     from ascend.ep import collective
 
+    fault = _parse_fault(os.environ.get(FAULT_ENV))
     executor = StepExecutor(model, rank)
-    while True:
+    for n in itertools.count():
+        _maybe_fault(fault, rank, n)
         box: list[Any] = [None]
         collective("serve plan broadcast", dist.broadcast_object_list, box, src=0, group=ctrl)
         plan: StepPlan = box[0]
