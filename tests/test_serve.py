@@ -16,17 +16,15 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
+import uvicorn
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-
-from common.chat import EOS, encode_messages, encode_text, load_v4_tokenizer, render_tool_calls  # noqa: E402
-from tools.cli import main as dsv4_main  # noqa: E402
-from tools.serve.api import ServeConfig, create_app  # noqa: E402
-from tools.serve.engine import Engine, SequenceCacheBudget  # noqa: E402
-from tools.serve.runner import TokenResult  # noqa: E402
+from common.chat import EOS, encode_messages, encode_text, load_v4_tokenizer, render_tool_calls
+from tools.cli import main as dsv4_main
+from tools.serve.api import ServeConfig, create_app
+from tools.serve.engine import Engine, SequenceCacheBudget
+from tools.serve.runner import TokenResult
 
 MODEL = "tiny-chat"
 MAX_LEN = 512

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
-pytest.importorskip("uvicorn")
 
 from tools.cli import main as dsv4_main  # noqa: E402
 
