@@ -28,7 +28,7 @@ from common.chat import (
     parse_completion,
 )
 
-from .engine import Engine, EngineUnavailable, Event, Options, QueueFull
+from .engine import Engine, EngineUnavailable, Event, Options, QueueFull, RequestTooLarge
 
 MAX_TOP_LOGPROBS = 20
 
@@ -163,6 +163,17 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
              "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
+def _coalesce(ev: Event, q: asyncio.Queue) -> Event:
+    """Merge the events already waiting behind `ev` into one (a slow client gets fewer, larger chunks)."""
+    while ev.finish_reason is None and ev.error is None and not q.empty():
+        nxt = q.get_nowait()
+        if nxt.error is not None:
+            return nxt
+        ev = Event(ev.token_ids + nxt.token_ids, ev.text + nxt.text, ev.logprobs + nxt.logprobs, nxt.finish_reason,
+                   nxt.prompt_tokens, nxt.completion_tokens)
+    return ev
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -201,6 +212,8 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig) -> Any:
     def submit(prompt: list[int], opts: Options) -> Any:
         try:
             return engine.submit(prompt, opts, asyncio.get_running_loop())
+        except RequestTooLarge as e:
+            raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
         except QueueFull as e:
             engine.metrics.rejected += 1
             raise ApiError(429, f"server busy: {e}", None, "too_many_requests", "rate_limit_error") from None
@@ -210,7 +223,8 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig) -> Any:
     async def next_event(request: Request, handle: Any, poll: bool) -> Event:
         while True:
             try:
-                return await asyncio.wait_for(handle.queue.get(), 0.5 if poll else None)
+                ev = await asyncio.wait_for(handle.queue.get(), 0.5 if poll else None)
+                return ev if poll else _coalesce(ev, handle.queue)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     engine.cancel(handle.id)

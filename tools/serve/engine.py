@@ -67,6 +67,10 @@ class QueueFull(Exception):
     """The waiting queue is full (HTTP 429)."""
 
 
+class RequestTooLarge(Exception):
+    """The request could never be admitted: its worst case exceeds the whole cache budget (HTTP 400)."""
+
+
 class EngineUnavailable(Exception):
     """The engine stopped or failed (HTTP 503)."""
 
@@ -190,6 +194,10 @@ class Engine:
         with self._cv:
             if not self.healthy:
                 raise EngineUnavailable(self.failed or "the engine is not running")
+            need = min(len(prompt) + opts.max_tokens, self.max_model_len)
+            if need > self.budget.capacity():
+                raise RequestTooLarge(f"prompt + max_tokens = {need} tokens exceed the cache budget of "
+                                      f"{self.budget.capacity()} tokens (--cache-tokens)")
             if len(self._inbox) + len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
             rid = next(self._ids)
