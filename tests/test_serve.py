@@ -165,6 +165,14 @@ def test_stop_string(client):
         assert text == whole[:whole.index(stop)]
 
 
+def test_stop_token_ids(client):
+    ids = [0, 400, 19923, 3000, 77]
+    whole = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0).choices[0].token_ids
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                  extra_body={"stop_token_ids": [whole[3]]})
+    assert r.choices[0].token_ids == whole[:whole.index(whole[3])] and r.choices[0].finish_reason == "stop"
+
+
 def test_thinking_on_and_off(client, tok):
     msgs = [{"role": "user", "content": "Why?"}]
     off = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
@@ -282,9 +290,9 @@ class ScriptedRunner:
 
 
 @contextlib.contextmanager
-def app_server(runner, tokenizer, max_num_seqs=4, max_waiting=None, api_key=None):
+def app_server(runner, tokenizer, max_num_seqs=4, max_waiting=None, api_key=None, max_batched_tokens=512):
     engine = Engine(runner, SequenceCacheBudget(max_num_seqs * MAX_LEN), tokenizer, [1], max_num_seqs, MAX_LEN,
-                    max_waiting=max_waiting)
+                    max_batched_tokens=max_batched_tokens, max_waiting=max_waiting)
     app = create_app(engine, tokenizer, ServeConfig(MODEL, MAX_LEN, 129280, 0, api_key))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -361,3 +369,31 @@ def test_disconnect_frees_the_slot(tok):
         # the freed slot serves the next request
         r = c.completions.create(model=MODEL, prompt=[0, 5], max_tokens=3)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_chunked_prefill_beside_decode_equals_generate(tok):
+    """8 tokens per step: a long prompt is prefilled in chunks while another request decodes; both equal
+    `common.generate.generate` run alone (one full prefill)."""
+    from common.generate import SamplingParams, generate
+    from common.loading import load_model
+    from common.model import Model
+    from ops import get_backend
+    from tools.serve.runner import LocalRunner
+
+    lm = load_model(MODEL)
+    model = Model(lm.cfg, lm.weights, get_backend("cpu"))
+    short, long_ = [0, 19923, 400], [0] + list(range(1000, 1061))
+    expect = [generate(model, [p], SamplingParams(max_new_tokens=12, stop_on_eos=False)).output_ids[0]
+              for p in (short, long_)]
+    with app_server(LocalRunner(model), tok, max_batched_tokens=8) as (port, engine):
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120.0, max_retries=0)
+        s = c.completions.create(model=MODEL, prompt=short, max_tokens=12, temperature=0, stream=True,
+                                 extra_body={"ignore_eos": True})
+        it = iter(s)
+        first = next(it).choices[0].token_ids  # the short request is decoding now
+        r = c.completions.create(model=MODEL, prompt=long_, max_tokens=12, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        rest = [t for ch in it if ch.choices for t in ch.choices[0].token_ids]
+        assert first + rest == expect[0]
+        assert r.choices[0].token_ids == expect[1]
+        assert metric(port, "dsv4_processed_tokens_total") >= len(short) + len(long_) + 22

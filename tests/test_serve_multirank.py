@@ -130,3 +130,12 @@ def test_failed_rank_fails_health_and_exits_nonzero(fault):
         assert "rank 1" in log.text
     finally:
         kill_group(proc)
+
+
+@pytest.mark.parametrize("extra", [["--serve-host", "127.0.0.1; touch /tmp/x"], ["--serve-host=-x"],
+                                   ["--serve-port", "70000"], ["--launcher", "msrun", "--job", "serve"]])
+def test_deploy_refuses_bad_serve_values(tmp_path, extra):
+    out = tmp_path / "o"
+    assert dsv4_main(["deploy", "--model", MODEL, "--cluster", str(ROOT / "configs/clusters/cpu-loopback-2.yaml"),
+                      "--out", str(out), *extra]) == 2
+    assert not out.exists()  # nothing half-written
