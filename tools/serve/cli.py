@@ -157,6 +157,8 @@ def job_from_args(args: Any) -> ServeJob:
         raise CliError("--max-batched-tokens must be >= 1", EXIT_USAGE)
     if args.dist_timeout <= 0:
         raise CliError("--dist-timeout must be > 0 seconds", EXIT_USAGE)
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise CliError("--max-waiting must be >= 1", EXIT_USAGE)
     if args.cache_tokens is not None and args.cache_tokens < 2:
         raise CliError("--cache-tokens must be >= 2", EXIT_USAGE)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
