@@ -33,6 +33,21 @@ def load_tokenizer(path: Path) -> Any | None:
         raise ConfigError(f"{path}: cannot read tokenizer ({e})") from None
 
 
+def preset_tokenizer(name: str | None) -> Any | None:
+    """A preset's `tokenizer:` entry: a file in configs/models, or `deepseek-v4` for the release tokenizer."""
+    if not name:
+        return None
+    from .chat import V4_TOKENIZER, load_v4_tokenizer
+
+    if name == V4_TOKENIZER:
+        try:
+            return load_v4_tokenizer()
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    return load_tokenizer(PRESET_DIR / name)
+
+
+
 def split_indexes(model_dir: Path, rank: int | None, world: int | None) -> list[Path] | None:
     """The index files to read from a `dsv4 convert --ep N` output: one rank's (multi-rank run) or every
     rank's (single process); None for an unsplit directory."""
@@ -85,8 +100,7 @@ def load_model(spec: str, log=None, experts: range | None = None, rank: int | No
 
         weights = random_weights(cfg, int(preset.get("seed", 0)), with_mtp=True, float_dtype=float_dtype,
                                  experts=experts)
-        tok = preset.get("tokenizer")
-        tokenizer = load_tokenizer(PRESET_DIR / tok) if tok else None
+        tokenizer = preset_tokenizer(preset.get("tokenizer"))
         return LoadedModel(cfg, weights, tokenizer, f"preset {spec} (random weights, seed {preset.get('seed', 0)})")
     ckpt = Checkpoint(spec, split_indexes(Path(spec), rank, world))
     weights = load_weights(cfg, ckpt, log, experts, float_dtype)

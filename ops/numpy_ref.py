@@ -23,6 +23,13 @@ _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": 
 ATTN_BLOCK = 64
 
 
+def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T for a [out, in] weight, computed weight-major: OpenBLAS runs x @ w.T several times slower for a
+    few rows (a batch of decode tokens) than W @ x^T, which would make continuous batching pointless here."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return np.ascontiguousarray((w @ x2.T).T).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # tanh form: no overflow for large |x|
     return (np.tanh(x * F32(0.5)) + F32(1.0)) * F32(0.5)
@@ -93,14 +100,14 @@ class NumpyBackend(AttentionKernels):
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         if not isinstance(w, np.ndarray):
             return w.matmul(x)  # quantized weights carry their own kernel (same arithmetic as the NPU)
-        return x @ w.T
+        return _x_wt(x, w)
 
     def grouped_linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         T, G, K = x.shape
         wd = dense(w).reshape(G, -1, K)
-        # [G, T, K] @ [G, K, N] -> [G, T, N]
-        y = np.matmul(x.transpose(1, 0, 2), wd.transpose(0, 2, 1))
-        return y.transpose(1, 0, 2)
+        # [G, N, K] @ [G, K, T] -> [G, N, T] (weight-major, as in `linear`)
+        y = np.matmul(wd, x.transpose(1, 2, 0))
+        return np.ascontiguousarray(y.transpose(2, 0, 1))
 
     def rope_freqs(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions.astype(F32)[:, None] * inv_freq.astype(F32)[None, :]
@@ -124,7 +131,7 @@ class NumpyBackend(AttentionKernels):
         T, n, d = x.shape
         xf = x.reshape(T, n * d)
         r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
-        return (xf @ fn.T) * r
+        return _x_wt(xf, fn) * r
 
     def hc_pre(self, x, fn, scale, base, iters, hc_eps, norm_eps):
         T, n, _ = x.shape
@@ -216,7 +223,7 @@ class NumpyBackend(AttentionKernels):
 
     # ---- MoE -----------------------------------------------------------------------------------
     def moe_gate(self, x, weight, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
-        logits = x @ weight.T
+        logits = _x_wt(x, weight)
         if score_func == "softmax":
             scores = _softmax(logits, axis=-1)
         elif score_func == "sigmoid":

@@ -360,7 +360,8 @@ def test_deploy_renders_valid_files_for_a_2_node_a2_cluster(tmp_path, launcher):
         assert line in node1, line
     if launcher == "torchrun":
         assert "--nnodes 2 --node_rank 1 --nproc_per_node 8" in node1
-        assert "-m tools.cli generate --model" in node1 and "--backend torch --device npu --soc A2" in node1
+        # torchrun scripts start `dsv4 serve` (node 0 adds the health check: tests/test_serve_multirank.py)
+        assert "-m tools.cli serve --model" in node1 and "--backend torch --device npu --soc A2" in node1
     else:
         assert "msrun --worker_num=16 --local_worker_num=8" in node1 and "--node_rank=1" in node1
         # msrun runs a script file: the MindSpore EP entry point must work as one (absolute imports)
@@ -453,7 +454,8 @@ def test_cpu_deployment_runs_two_ranks_and_matches_single_process(tmp_path, tiny
     out = tmp_path / "deploy"
     port = free_port()
     p = dsv4("deploy", "--model", str(tiny_ckpt), "--cluster", str(CLUSTER_DIR / "cpu-loopback-2.yaml"),
-             "--out", str(out), "--master-port", str(port), "--format", "bf16", "--context", "4096")
+             "--out", str(out), "--master-port", str(port), "--format", "bf16", "--context", "4096",
+             "--job", "generate")
     assert p.returncode == 0, p.stderr
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     pre = subprocess.run(["bash", str(out / "preflight_node0.sh")], capture_output=True, text=True, env=env,

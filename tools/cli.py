@@ -27,6 +27,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token to --prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as one user turn of the DeepSeek-V4 chat format (as `dsv4 serve` does)")
+    p.add_argument("--thinking", action="store_true", help="with --chat: thinking mode (reply opens with <think>)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
@@ -202,6 +205,11 @@ def _add_deploy(sub) -> None:
     p.add_argument("--context", type=int, default=131072, help="context used by the memory plan")
     p.add_argument("--concurrency", type=int, default=1, help="concurrency used by the memory plan")
     p.add_argument("--master-port", type=int, default=None, help="override launcher.master_port")
+    p.add_argument("--job", choices=("serve", "generate"), default=None,
+                   help="what the launch scripts start: `dsv4 serve` with a health check (default with torchrun) "
+                        "or one-shot `dsv4 generate` (default with msrun)")
+    p.add_argument("--serve-host", default="0.0.0.0", help="address the rendered server listens on")
+    p.add_argument("--serve-port", type=int, default=8000, help="port the rendered server listens on")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out, overwriting files with the names deploy writes (nothing "
@@ -224,11 +232,49 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+                                   "Stops cleanly on SIGINT/SIGTERM.")
+    p.add_argument("--model", required=True, help="model directory or preset name (tiny-chat has the V4 tokenizer)")
+    p.add_argument("--backend", default="cpu", help="compute backend (cpu = the NumPy reference, torch, mindspore)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="activation dtype handed to the backend")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed at start)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + reply tokens per sequence (default min(max_position_embeddings, 4096))")
+    p.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens per engine step: one per decoding sequence, the rest for prompt chunks")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests that may wait for admission before new ones get 429 (default 8 x max-num-seqs)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="cache budget in tokens over all sequences (default max-num-seqs x max-model-len)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $DSV4_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
+    d = p.add_argument_group("multi-rank (rank 0 serves HTTP; all ranks step the same batch, MoE expert parallel)")
+    d.add_argument("--nproc", type=int, default=1, help="ranks to launch on this node; under torchrun: one rank")
+    d.add_argument("--device", choices=("cpu", "npu"), default="cpu")
+    d.add_argument("--moe-comm", choices=soc_table.MOE_COMM_CHOICES, default="auto")
+    d.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None)
+    d.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait; a dead or stuck rank stops the server within it")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from tools.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 on Ascend: CPU reference and tools")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan, _add_deploy):
+    for add in (_add_generate, _add_serve, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan,
+                _add_deploy):
         add(sub)
     return ap
 

@@ -171,7 +171,72 @@ def _example_args(index: int, launcher: str) -> str:
     return f"launch_node{index}.sh --prompt-ids 0,5,6 --max-new-tokens 16 --json"
 
 
-def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_timeout: int) -> str:
+@dataclass(frozen=True)
+class ServeTarget:
+    """Where the rendered `dsv4 serve` listens (validated before rendering)."""
+
+    host: str
+    port: int
+    health_timeout: int
+
+
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:")
+
+
+def serve_target(host: str, port: int, cluster: Cluster) -> ServeTarget:
+    if not host or not set(host) <= _HOST_CHARS or host.startswith("-"):
+        raise CliError(f"--serve-host {host!r}: expected an IP address or host name", EXIT_USAGE)
+    if not 1 <= port <= 65535:
+        raise CliError(f"--serve-port {port}: must be in [1, 65535]", EXIT_USAGE)
+    return ServeTarget(host, port, 1800 if cluster.is_npu else 300)
+
+
+def _serve_torchrun(cluster: Cluster, node: Node, gen: str, serve: ServeTarget) -> list[str]:
+    """torchrun running `dsv4 serve` on every rank; on node 0 (rank 0 serves HTTP) a health check after start,
+    and SIGINT/SIGTERM stop the ranks (rank 0 shuts the server down and releases the others) before exiting."""
+    n = len(cluster.nodes)
+    run = [
+        "\"$PYTHON\" -m torch.distributed.run \\",
+        f"    --nnodes {n} --node_rank {node.index} --nproc_per_node {node.ranks} \\",
+        "    --master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" \\",
+        f"    -m tools.cli serve --model \"$MODEL\" --host \"$SERVE_HOST\" --port \"$SERVE_PORT\" {gen} \"$@\"",
+    ]
+    L = ["", f"SERVE_HOST=\"${{SERVE_HOST:-{_q(serve.host)}}}\"", f"SERVE_PORT=\"${{SERVE_PORT:-{_q(serve.port)}}}\"",
+         f"HEALTH_TIMEOUT=\"${{HEALTH_TIMEOUT:-{_q(serve.health_timeout)}}}\"", ""]
+    if node.index != 0:
+        return L + ["# one process per rank; rank 0 (node 0) serves HTTP, these ranks step the same batches",
+                    "exec " + run[0]] + run[1:]
+    return L + [
+        "# one process per rank; rank 0 serves HTTP, every rank steps the same batches (expert parallel)",
+        run[0][:-2] + " \\", *run[1:-1], run[-1] + " &",
+        "PID=$!",
+        "# SIGINT/SIGTERM: stop the ranks (rank 0 shuts the server down and tells the others), then torchrun exits",
+        "trap 'pkill -TERM -P \"$PID\" 2>/dev/null || true' INT TERM",
+        "case \"$SERVE_HOST\" in 0.0.0.0|::) CHECK_HOST=127.0.0.1 ;; *) CHECK_HOST=\"$SERVE_HOST\" ;; esac",
+        "URL=\"http://$CHECK_HOST:$SERVE_PORT\"",
+        "# health check after start: /health answers 200 once every rank has loaded and the engine runs",
+        "healthy=0",
+        "for _ in $(seq \"$HEALTH_TIMEOUT\"); do",
+        "    kill -0 \"$PID\" 2>/dev/null || break",
+        "    if \"$PYTHON\" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \\",
+        "        \"$URL/health\" 2>/dev/null; then healthy=1; break; fi",
+        "    sleep 1",
+        "done",
+        "if [ \"$healthy\" = 1 ]; then",
+        f"    echo \"dsv4 serve: healthy at $URL ({cluster.world_size} ranks); OpenAI API at $URL/v1\"",
+        "else",
+        "    echo \"dsv4 serve: $URL/health did not answer within ${HEALTH_TIMEOUT}s; stopping\" >&2",
+        "    pkill -TERM -P \"$PID\" 2>/dev/null || true",
+        "fi",
+        "set +e",
+        "while :; do wait \"$PID\"; code=$?; kill -0 \"$PID\" 2>/dev/null || break; done",
+        "[ \"$healthy\" = 1 ] || exit 1",
+        "exit \"$code\"",
+    ]
+
+
+def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_timeout: int,
+                  serve: ServeTarget | None = None) -> str:
     W, n = cluster.world_size, len(cluster.nodes)
     first = _first_rank(cluster, node)
     gen = " ".join(_q(a) for a in _generate_args(cluster, launcher)) + f" --dist-timeout {int(dist_timeout)}"
@@ -192,7 +257,12 @@ def render_launch(cluster: Cluster, node: Node, model: str, launcher: str, dist_
         "",
     ]
     env = _env_block(cluster, node)
-    if launcher == "torchrun":
+    if launcher == "torchrun" and serve is not None:
+        head[4] = (f"# Arguments are passed to `dsv4 serve`, e.g.  ./launch_node{node.index}.sh --max-num-seqs 32; "
+                   "rank 0 serves the OpenAI API")
+        head[5] += " SERVE_HOST=<addr> SERVE_PORT=<port> HEALTH_TIMEOUT=<s>"
+        cmd = _serve_torchrun(cluster, node, gen, serve)
+    elif launcher == "torchrun":
         cmd = [
             "",
             "# one process per rank; torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and `dsv4 generate` joins the group",
@@ -494,14 +564,15 @@ def plan_for_runtime(cfg: ModelConfig, cluster: Cluster, fmt: str, context: int,
 
 
 def render_all(cluster: Cluster, cfg: ModelConfig | None, model: str, launcher: str,
-               plan_info: dict[str, Any] | None) -> list[Rendered]:
+               plan_info: dict[str, Any] | None, serve: ServeTarget | None = None) -> list[Rendered]:
     need = plan_info["memory_gib"]["total"] if plan_info else None
     dist_timeout = max(60, cluster.hccl_connect_timeout_s) if cluster.is_npu else 120
     files = [Rendered(RANK_TABLE, rank_table_json(cluster), False,
                       f"HCCL rank table: {len(cluster.nodes)} server(s), {cluster.world_size} ranks")]
     for n in cluster.nodes:
         first = _first_rank(cluster, n)
-        files.append(Rendered(f"launch_node{n.index}.sh", render_launch(cluster, n, model, launcher, dist_timeout),
+        files.append(Rendered(f"launch_node{n.index}.sh",
+                              render_launch(cluster, n, model, launcher, dist_timeout, serve),
                               True, f"{launcher}: node {n.index} ({n.name}, {n.host_ip}), ranks {first}.."
                                     f"{first + n.ranks - 1}"))
         files.append(Rendered(f"preflight_node{n.index}.sh", render_preflight(cluster, n, model, need), True,
@@ -616,7 +687,12 @@ def run_deploy(args) -> int:
     if fmt and cfg is None:
         log("dsv4 deploy: warning: no memory plan (the model's config is not readable on this machine)")
     plan_info = plan_for_runtime(cfg, cluster, fmt, args.context, args.concurrency) if fmt and cfg else None
-    files = render_all(cluster, cfg, model, launcher, plan_info)
+    job = getattr(args, "job", None) or ("serve" if launcher == "torchrun" else "generate")
+    if job == "serve" and launcher != "torchrun":
+        raise CliError(f"--job serve runs under torchrun; --launcher {launcher} starts one-shot generation only "
+                       f"(pass --job generate)", EXIT_USAGE)
+    serve = serve_target(args.serve_host, args.serve_port, cluster) if job == "serve" else None
+    files = render_all(cluster, cfg, model, launcher, plan_info, serve)
     out = Path(args.out)
     check_out(out, files, bool(getattr(args, "force", False)))
     if args.dry_run:

@@ -90,6 +90,11 @@ def make_prompts(args, cfg, tokenizer) -> list[list[int]]:
     if args.prompt is not None:
         if tokenizer is None:
             raise CliError(f"{args.model}: no tokenizer.json; pass --prompt-ids instead of --prompt")
+        if getattr(args, "chat", False):  # the V4 chat format (common/chat.py; BOS is part of the rendering)
+            from common.chat import encode_messages, encode_text
+
+            return [encode_text(tokenizer, encode_messages([{"role": "user", "content": args.prompt}],
+                                                           thinking=args.thinking))]
         ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
         if not args.no_bos and cfg.bos_token_id is not None:
             ids = [cfg.bos_token_id] + ids

@@ -26,9 +26,9 @@ from ascend.distributed import (
     init_distributed,
     launch,
 )
-from common.config import PRESET_DIR, model_config
+from common.config import model_config
 from common.generate import generate
-from common.loading import load_tokenizer
+from common.loading import load_tokenizer, preset_tokenizer
 from common.parallel import expert_slice, expert_split_error
 
 
@@ -37,8 +37,7 @@ def probe_model(spec: str) -> tuple[Any, Any, str]:
     the expert split and builds the prompts before starting any rank)."""
     cfg, preset = model_config(spec, need_weights=True)
     if preset is not None:
-        tok = preset.get("tokenizer")
-        return cfg, (load_tokenizer(PRESET_DIR / tok) if tok else None), f"preset {spec}"
+        return cfg, preset_tokenizer(preset.get("tokenizer")), f"preset {spec}"
     return cfg, load_tokenizer(Path(spec) / "tokenizer.json"), str(spec)
 
 

@@ -1,0 +1,349 @@
+"""The serving engine: a scheduler with continuous batching over a cache budget.
+
+One thread runs the loop. Between steps it takes new requests into a bounded waiting queue, retires cancelled
+ones (a client that went away), and admits waiting requests while the cache budget and --max-num-seqs allow.
+Each step packs, into one forward call, one token of every decoding sequence and chunks of the prompts still
+being prefilled (chunked prefill beside decode, at most `max_batched_tokens` tokens per step); sampled tokens
+are detokenised incrementally, checked against stop strings / stop ids / EOS / length, and delivered to the
+request's asyncio queue. Finished sequences release their cache at once.
+
+Admission goes through `CacheBudget` (free capacity, allocate, release) so the scheduler does not depend on how
+caches are stored. `SequenceCacheBudget` implements it over today's per-sequence caches (common/cache.py), by
+reserving each request's worst case (prompt + max_tokens) of a token budget; a paged cache manager (block tables,
+admission by free blocks) can implement the same three methods and take its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .metrics import Metrics
+from .runner import SeqSpec, StepItem, StepPlan, TokenResult
+
+
+class CacheBudget(Protocol):
+    """What the scheduler needs from a cache manager."""
+
+    def capacity(self) -> int: ...  # tokens the cache can hold in all
+    def free(self) -> int: ...  # tokens not yet reserved
+    def can_allocate(self, n_tokens: int) -> bool: ...
+    def allocate(self, seq_id: int, n_tokens: int) -> None: ...
+    def release(self, seq_id: int) -> None: ...
+
+
+class SequenceCacheBudget:
+    """Token reservations over today's per-sequence caches: a sequence reserves its worst case up front."""
+
+    def __init__(self, capacity_tokens: int):
+        self._capacity = capacity_tokens
+        self._held: dict[int, int] = {}
+
+    def capacity(self) -> int:
+        return self._capacity
+
+    def free(self) -> int:
+        return self._capacity - sum(self._held.values())
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        return n_tokens <= self.free()
+
+    def allocate(self, seq_id: int, n_tokens: int) -> None:
+        if not self.can_allocate(n_tokens):
+            raise RuntimeError(f"cache budget: {n_tokens} tokens requested, {self.free()} free")
+        self._held[seq_id] = n_tokens
+
+    def release(self, seq_id: int) -> None:
+        self._held.pop(seq_id, None)
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class RequestTooLarge(Exception):
+    """The request could never be admitted: its worst case exceeds the whole cache budget (HTTP 400)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine stopped or failed (HTTP 503)."""
+
+
+@dataclass
+class Options:
+    """Per-request generation options (already validated by the API layer)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+@dataclass
+class Event:
+    """A piece of a request's output. `finish_reason` is set on the last one; `error` ends it abnormally."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenResult] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Handle:
+    """The API side of one request: an asyncio queue of Events."""
+
+    def __init__(self, req_id: int, loop: asyncio.AbstractEventLoop, prompt_len: int):
+        self.id = req_id
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.prompt_len = prompt_len
+
+    def push(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class _Seq:
+    def __init__(self, req_id: int, prompt: list[int], opts: Options, handle: Handle, tokenizer: Any):
+        self.id = req_id
+        self.prompt = prompt
+        self.opts = opts
+        self.handle = handle
+        self.fed = 0  # prompt tokens already in the cache
+        self.out: list[int] = []
+        self.text = ""  # detokenised output (stop string removed)
+        self.sent = 0  # characters of self.text delivered
+        self.tokenizer = tokenizer
+        self.max_stop = max((len(s) for s in opts.stop), default=0)
+        self.owner = 0
+        self.arrived = time.perf_counter()
+        self.last_token: float | None = None
+        self.reserved = 0
+
+    def detok(self, finished: bool) -> tuple[str, str | None]:
+        """New text to deliver, and 'stop' when a stop string ended the reply."""
+        if self.tokenizer is None:
+            return "", None
+        full = self.tokenizer.decode(self.out, skip_special_tokens=False)
+        hit = None
+        if self.opts.stop:
+            start = max(0, len(self.text) - self.max_stop)
+            found = [(full.find(s, start), s) for s in self.opts.stop]
+            found = [(i, s) for i, s in found if i >= 0]
+            if found:
+                full, hit = full[:min(found)[0]], "stop"
+        self.text = full
+        end = len(full)
+        if not finished and hit is None:
+            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+                end = len(full.rstrip("\ufffd"))
+            end = max(self.sent, end - max(self.max_stop - 1, 0))  # may be the start of a stop string
+        delta, self.sent = full[self.sent:end], max(self.sent, end)
+        return delta, hit
+
+
+class Engine:
+    def __init__(self, runner: Any, budget: CacheBudget, tokenizer: Any, eos_ids: list[int], max_num_seqs: int,
+                 max_model_len: int, max_batched_tokens: int = 512, max_waiting: int | None = None,
+                 metrics: Metrics | None = None, heartbeat_s: float = 1.0, log=None):
+        self.runner = runner
+        self.budget = budget
+        self.tokenizer = tokenizer
+        self.eos = set(eos_ids)
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_batched_tokens = max(1, max_batched_tokens)
+        self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
+        self.metrics = metrics or Metrics()
+        self.heartbeat_s = heartbeat_s
+        self.log = log or (lambda m: None)
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._inbox: collections.deque[_Seq] = collections.deque()
+        self._cancel: set[int] = set()
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.running: dict[int, _Seq] = {}
+        self._stopping = False
+        self.failed: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loads = [0] * getattr(runner, "world", 1)
+        self._finished: list[int] = []
+
+    # ---- API side (event-loop thread) -------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.failed is None and not self._stopping and self._thread is not None and self._thread.is_alive()
+
+    def submit(self, prompt: list[int], opts: Options, loop: asyncio.AbstractEventLoop) -> Handle:
+        with self._cv:
+            if not self.healthy:
+                raise EngineUnavailable(self.failed or "the engine is not running")
+            need = min(len(prompt) + opts.max_tokens, self.max_model_len)
+            if need > self.budget.capacity():
+                raise RequestTooLarge(f"prompt + max_tokens = {need} tokens exceed the cache budget of "
+                                      f"{self.budget.capacity()} tokens (--cache-tokens)")
+            if len(self._inbox) + len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
+            rid = next(self._ids)
+            h = Handle(rid, loop, len(prompt))
+            self._inbox.append(_Seq(rid, list(prompt), opts, h, self.tokenizer))
+            self._cv.notify()
+        return h
+
+    def cancel(self, req_id: int) -> None:
+        """The client went away: drop the request before the next step."""
+        with self._cv:
+            self._cancel.add(req_id)
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        cap = self.budget.capacity()
+        return {"running": len(self.running), "waiting": len(self.waiting) + len(self._inbox),
+                "cache_capacity_tokens": cap, "cache_used_tokens": cap - self.budget.free()}
+
+    # ---- engine thread --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    if self._stopping:
+                        break
+                    if not self._inbox and not self.waiting and not self.running and not self._cancel:
+                        self._cv.wait(self.heartbeat_s)
+                    new, self._inbox = list(self._inbox), collections.deque()
+                    cancels, self._cancel = self._cancel, set()
+                self.waiting.extend(new)
+                release, self._finished = self._retire_cancelled(cancels) + self._finished, []
+                plan = self._schedule(release)
+                self.metrics.set_gauges(**self.stats())
+                if not plan.items and not plan.add and not plan.release:
+                    self.runner.heartbeat()
+                    continue
+                t0 = time.perf_counter()
+                results = self.runner.step(plan)
+                self.metrics.observe_step(time.perf_counter() - t0, sum(len(it.ids) for it in plan.items))
+                self._deliver(plan, results)
+        except Exception as e:  # a collective failed (dead/stuck rank) or a bug: fail every request, stop
+            self.failed = f"engine failed: {type(e).__name__}: {e}"
+            self.log(f"dsv4 serve: {self.failed}")
+        finally:
+            err = self.failed or "the server is shutting down"
+            for s in list(self.running.values()) + list(self.waiting) + list(self._inbox):
+                s.handle.push(Event([], "", finish_reason=None, error=err, prompt_tokens=len(s.prompt),
+                                    completion_tokens=len(s.out)))
+            self.running.clear()
+            self.waiting.clear()
+            if self.failed is None:
+                try:
+                    self.runner.close()
+                except Exception as e:  # peers already gone: nothing left to stop
+                    self.log(f"dsv4 serve: closing the ranks: {e}")
+
+    def _retire_cancelled(self, cancels: set[int]) -> list[int]:
+        release = []
+        if not cancels:
+            return release
+        self.waiting = collections.deque(s for s in self.waiting if s.id not in cancels)
+        for rid in cancels:
+            s = self.running.pop(rid, None)
+            if s is not None:
+                self._free(s)
+                release.append(rid)
+                self.metrics.cancelled += 1
+        return release
+
+    def _free(self, s: _Seq) -> None:
+        self.budget.release(s.id)
+        self._loads[s.owner] -= 1
+
+    def _schedule(self, release: list[int]) -> StepPlan:
+        plan = StepPlan(release=release)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            s = self.waiting[0]
+            need = min(len(s.prompt) + s.opts.max_tokens, self.max_model_len)
+            if not self.budget.can_allocate(need):
+                break  # first come first served: the head waits for room
+            self.waiting.popleft()
+            self.budget.allocate(s.id, need)
+            s.owner = self.runner.owner_for(self._loads)
+            self._loads[s.owner] += 1
+            self.running[s.id] = s
+            seed = s.opts.seed if s.opts.seed is not None else random.SystemRandom().randrange(2**32)
+            plan.add.append(SeqSpec(s.id, s.owner, seed, s.opts.temperature, s.opts.top_k, s.opts.top_p,
+                                    s.opts.logprobs))
+        budget = self.max_batched_tokens
+        decoding = [s for s in self.running.values() if s.fed == len(s.prompt)]
+        for s in decoding:  # decode first: one token each keeps inter-token latency flat
+            plan.items.append(StepItem(s.id, [s.out[-1]], True, s.owner))
+            budget -= 1
+        for s in self.running.values():  # then prompt chunks, oldest first, within the step's token budget
+            if s.fed < len(s.prompt) and budget > 0:
+                n = min(budget, len(s.prompt) - s.fed)
+                plan.items.append(StepItem(s.id, s.prompt[s.fed:s.fed + n], s.fed + n == len(s.prompt), s.owner))
+                s.fed += n
+                budget -= n
+        return plan
+
+    def _deliver(self, plan: StepPlan, results: dict[int, TokenResult]) -> None:
+        now = time.perf_counter()
+        done = []
+        for it in plan.items:
+            if not it.sample:
+                continue
+            s = self.running.get(it.seq_id)
+            r = results.get(it.seq_id)
+            if s is None or r is None:
+                continue
+            tok = r.token
+            reason = None
+            emit = [tok]
+            if (tok in self.eos and not s.opts.ignore_eos) or tok in s.opts.stop_token_ids:
+                reason, emit = "stop", []
+            else:
+                s.out.append(tok)
+                if len(s.out) >= s.opts.max_tokens or len(s.prompt) + len(s.out) >= self.max_model_len:
+                    reason = "length"
+            text, hit = s.detok(reason is not None)
+            reason = hit or reason
+            if s.last_token is None:
+                self.metrics.ttft.observe(now - s.arrived)
+            else:
+                self.metrics.itl.observe(now - s.last_token)
+            s.last_token = now
+            self.metrics.generated_tokens += 1
+            s.handle.push(Event(emit, text, [r] if s.opts.logprobs is not None and emit else [], reason,
+                                len(s.prompt), len(s.out)))
+            if reason is not None:
+                done.append(s)
+        for s in done:
+            self.running.pop(s.id, None)
+            self._free(s)
+            self.metrics.finished += 1
+            self._finished.append(s.id)  # the executors drop its cache with the next plan
