@@ -347,7 +347,9 @@ def test_api_key_and_queue_full(tok):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", timeout=60.0, max_retries=0)
-        streams = [c.completions.create(model=MODEL, prompt=[0, 5], max_tokens=150, stream=True) for _ in range(2)]
+        first = c.completions.create(model=MODEL, prompt=[0, 5], max_tokens=150, stream=True)
+        next(iter(first))  # admitted and decoding before the second arrives (else both would wait: a race)
+        streams = [first, c.completions.create(model=MODEL, prompt=[0, 5], max_tokens=150, stream=True)]
         with pytest.raises(openai.RateLimitError):  # one running, one waiting, the third is refused
             c.completions.create(model=MODEL, prompt=[0, 5], max_tokens=1)
         for s in streams:

@@ -54,16 +54,9 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         report["ops_error"] = "torch is not installed: pip install -e .[torch]"
         return report
     from ascend.torch_backend import CONTRACT_OPS, LOWERINGS, UNTABLED, TorchBackend, model_calls
-    from common.loading import is_preset
+    from common.config import model_config
 
-    if is_preset(model):
-        from common.config import load_preset
-
-        cfg, _ = load_preset(model)
-    else:
-        from common.config import load_config
-
-        cfg = load_config(model)
+    cfg, _ = model_config(model)
     if providers is None and soc is not None and not info.has_npu:
         from ascend.torch_backend import simulated_providers
 

@@ -157,7 +157,8 @@ def wants_distributed(args) -> bool:
 
 # ---- `dsv4 generate --nproc N` / under torchrun -------------------------------------------------------
 
-def _world(args) -> tuple[bool, int]:
+def launch_world(args) -> tuple[bool, int]:
+    """(under torchrun?, world size) of a multi-rank `generate` or `serve`, with --nproc and the fault hook checked."""
     if args.dist_timeout <= 0:
         raise CliError("--dist-timeout must be > 0 seconds", EXIT_USAGE)
     torchrun = in_torchrun()
@@ -181,7 +182,7 @@ def run_generate_distributed(args) -> int:
     from .generate_dist import Job, probe_model, run_rank
 
     params = sampling_params(args)
-    torchrun, world = _world(args)
+    torchrun, world = launch_world(args)
     err = device_error(args.backend, args.device)
     if err:
         raise CliError(err)

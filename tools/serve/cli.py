@@ -230,17 +230,13 @@ def serve_rank(job: ServeJob) -> None:
 
 
 def run_serve_distributed(args: Any, job: ServeJob) -> int:
-    from ascend.distributed import RankFailed, in_torchrun, launch, run_guarded
+    from ascend.distributed import RankFailed, launch, run_guarded
     from common.parallel import expert_split_error
     from tools.errors import EXIT_USAGE, CliError
+    from tools.generate_cmd import launch_world
     from tools.generate_dist import probe_model
 
-    torchrun = in_torchrun()
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
-    if torchrun and args.nproc not in (1, world):
-        raise CliError(f"--nproc {args.nproc} disagrees with torchrun's WORLD_SIZE={world}", EXIT_USAGE)
-    if world < 1:
-        raise CliError("--nproc must be >= 1", EXIT_USAGE)
+    torchrun, world = launch_world(args)
     cfg = probe_model(job.model)[0]
     err = expert_split_error(cfg.n_routed_experts, world)
     if err:
