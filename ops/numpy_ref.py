@@ -24,10 +24,10 @@ ATTN_BLOCK = 64
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T for a [out, in] weight, computed weight-major: OpenBLAS runs x @ w.T several times slower for a
-    few rows (a batch of decode tokens) than W @ x^T, which would make continuous batching pointless here."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return np.ascontiguousarray((w @ x2.T).T).reshape(*x.shape[:-1], w.shape[0])
+    """x @ w.T for a [out, in] weight. Kept in this order, the torch lowering's order: a weight-major product
+    rounds differently, and through W8A8's per-token int8 quantization that last-bit difference flips quantized
+    values, so the golden would stop matching the lowering (tests/test_torch_backend.py end-to-end W8A8)."""
+    return x @ w.T
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -105,9 +105,9 @@ class NumpyBackend(AttentionKernels):
     def grouped_linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         T, G, K = x.shape
         wd = dense(w).reshape(G, -1, K)
-        # [G, N, K] @ [G, K, T] -> [G, N, T] (weight-major, as in `linear`)
-        y = np.matmul(wd, x.transpose(1, 2, 0))
-        return np.ascontiguousarray(y.transpose(2, 0, 1))
+        # [G, T, K] @ [G, K, N] -> [G, T, N]
+        y = np.matmul(x.transpose(1, 0, 2), wd.transpose(0, 2, 1))
+        return y.transpose(1, 0, 2)
 
     def rope_freqs(self, positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions.astype(F32)[:, None] * inv_freq.astype(F32)[None, :]
