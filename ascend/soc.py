@@ -27,7 +27,9 @@ TORCH_NPU = "torch_npu"  # ops in the torch-npu wheel (CANN aclnn kernels)
 CUSTOM = "custom"  # CANN custom-op packages (vllm-ascend _C_ascend, CANN 8.5 custom_ops wheel)
 MINDSPORE = "mindspore"  # MindSpore ops.auto_generate primitives (same aclnn kernels)
 COMPOSED = "composed"  # plain framework ops (matmul, softmax, gather, ...): runs on every SoC and on CPU
-PROVIDERS = (TORCH_NPU, CUSTOM, MINDSPORE, COMPOSED)
+# our Triton-Ascend kernels (ascend/kernels, torch.ops.dsv4): after the vendors' kernels, before compositions
+TRITON = "triton"
+PROVIDERS = (TORCH_NPU, CUSTOM, MINDSPORE, TRITON, COMPOSED)
 
 
 @dataclass(frozen=True)
@@ -96,27 +98,32 @@ TABLE: dict[str, tuple[Variant, ...]] = {
                 limits={"hc_mult_in": (4, 6, 8), "hidden_multiple_of": 16, "dtype_in": ("bfloat16", "float16")},
                 note="torch_npu mHC ops ship for 950 only"),
         Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3), limits={"hc_mult_in": (4,), "dtype_in": ("bfloat16",)}),
+        Variant(TRITON, "dsv4.hc_pre"),
         Variant(COMPOSED, ""),
     ),
     "hc_post": (
         Variant(TORCH_NPU, "npu_mhc_post", socs=(A5,), limits={"dtype_in": ("bfloat16", "float16")}),
         Variant(CUSTOM, "npu_hc_post", socs=(A2, A3)),
+        Variant(TRITON, "dsv4.hc_post"),
         Variant(COMPOSED, ""),
     ),
     "compress": (
         Variant(CUSTOM, "compressor", socs=(A3, A5), limits={"ratio_in": (4, 128)},
                 note="vllm-ascend README: A3 and 950 only"),
+        Variant(TRITON, "dsv4.compress"),
         Variant(COMPOSED, ""),
     ),
     "indexer_topk": (
         Variant(CUSTOM, "npu_vllm_quant_lightning_indexer", socs=(A2, A3, A5), limits={"topk_max": 2048}),
         Variant(TORCH_NPU, "npu_lightning_indexer", limits={"topk_max": 2048}),
+        Variant(TRITON, "dsv4.indexer_topk"),
         Variant(COMPOSED, ""),
     ),
     "sparse_attention": (
         Variant(CUSTOM, "npu_sparse_attn_sharedkv", socs=(A2, A3), limits={"heads_in": (64,), "topk_max": 512},
                 note="README: q heads 64 only, top-k 512"),
         Variant(TORCH_NPU, "npu_fused_infer_attention_score_v2", note="learnable_sink; masks built by the backend"),
+        Variant(TRITON, "dsv4.sparse_attention"),
         Variant(COMPOSED, ""),
     ),
     "moe_gate": (

@@ -174,7 +174,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", kernels: str | None = None):
         """device "cpu" runs the stand-ins (soc simulated, default A2); "npu" needs torch_npu and detects the
         SoC. providers defaults to torch_npu + composed, plus custom when a custom-op package is installed."""
         from . import device as devmod
@@ -210,8 +210,9 @@ class TorchBackend:
         self.custom: Any = real_custom if real_custom is not None else custom_standin
         if providers is None:
             providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
-        self.providers = frozenset(providers)
-        unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED}
+        providers = frozenset(providers)
+        self.providers = providers | _triton_provider("triton" if S.TRITON in providers else kernels, device)
+        unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED, S.TRITON}
         if unknown:
             raise ValueError(f"the torch backend has no provider {sorted(unknown)}")
         self._chosen: dict[tuple[str, tuple], S.Variant] = {}
@@ -227,6 +228,10 @@ class TorchBackend:
         """This backend lowers `v` and its provider module has every kernel the variant names."""
         if _key(v) not in LOWERINGS.get(op, {}):
             return False
+        if v.provider == S.TRITON:
+            from .kernels import available
+
+            return available()
         mod = self.npu if v.provider == S.TORCH_NPU else self.custom
         return all(hasattr(mod, k) for k in v.kernel.split("+"))
 
@@ -776,6 +781,35 @@ class TorchBackend:
 
 
 def torch_backend(device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
-                  dtype: str = "float32") -> TorchBackend:
+                  dtype: str = "float32", kernels: str | None = None) -> TorchBackend:
     """Factory used by `ops.get_backend("torch")`."""
-    return TorchBackend(device=device, soc=soc, providers=providers, dtype=dtype)
+    return TorchBackend(device=device, soc=soc, providers=providers, dtype=dtype, kernels=kernels)
+
+
+# ---- our Triton-Ascend kernels (ascend/kernels): provider "triton" ---------------------------------------------
+def _triton_provider(kernels: str | None, device: str) -> frozenset:
+    """{"triton"} when asked for (kernels="triton"; on a CPU the kernels then run under triton's interpreter)."""
+    if kernels in (None, "default"):
+        return frozenset()
+    if kernels != "triton":
+        raise ValueError(f"kernels must be 'default' or 'triton', got {kernels!r}")
+    from .kernels import available, prepare
+
+    if not available():
+        from ops import BackendUnavailable
+
+        raise BackendUnavailable("--kernels triton needs triton-ascend: pip install -e .[kernels] in its own venv "
+                                 "(see README, 'Our kernels')")
+    prepare(interpret=device == "cpu")
+    return frozenset({S.TRITON})
+
+
+def _attach_triton_lowerings() -> None:
+    from .kernels.lowering import LOWERINGS as TRITON_LOWERINGS
+
+    for op, (kernel, fn) in TRITON_LOWERINGS.items():
+        LOWERINGS[op][f"{S.TRITON}:{kernel}"] = f"_{op}_triton"
+        setattr(TorchBackend, f"_{op}_triton", fn)
+
+
+_attach_triton_lowerings()

@@ -56,7 +56,11 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         from common.config import load_config
 
         cfg = load_config(model)
-    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype)
+    from ascend.kernels import available as kernels_available
+
+    # our Triton-Ascend kernels are a provider wherever triton-ascend is installed (the plan is for the NPU)
+    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype,
+                           kernels="triton" if providers is None and kernels_available() else None)
     report["providers"] = sorted(backend.providers)
     calls = model_calls(cfg, dtype)
     plan = backend.plan(calls)

@@ -115,7 +115,8 @@ def run_generate(args) -> int:
     params = sampling_params(args)
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        opts = ({"device": args.device, "soc": args.soc} if args.backend == "torch"
+        opts = ({"device": args.device, "soc": args.soc, "kernels": getattr(args, "kernels", None)}
+                if args.backend == "torch"
                 else {"device": "ascend" if args.device == "npu" else "cpu"} if args.backend == "mindspore" else {})
         backend = get_backend(args.backend, **opts)
     except BackendUnavailable as e:

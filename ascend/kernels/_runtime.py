@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 
 def triton_installed() -> bool:
-    """triton-ascend (the package `triton`, with its `ascend` backend) is importable."""
+    """triton-ascend (the package `triton`, with its `ascend` backend) and pybind11 are installed.
+
+    Looks at files only: importing `triton` here would bind `triton.jit` before TRITON_INTERPRET is set."""
     try:
-        return (importlib.util.find_spec("triton") is not None
-                and importlib.util.find_spec("triton.backends.ascend") is not None
-                and importlib.util.find_spec("pybind11") is not None)
+        spec = importlib.util.find_spec("triton")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        root = Path(list(spec.submodule_search_locations)[0])
+        return (root / "backends" / "ascend" / "compiler.py").is_file() and \
+            importlib.util.find_spec("pybind11") is not None
     except (ImportError, ValueError):
         return False
 

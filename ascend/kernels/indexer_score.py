@@ -39,13 +39,17 @@ def launch(q, weights, keys, q_pos, ratio: int, scale: float, tiles: dict | None
     T, H, DK = q.shape
     J = keys.shape[0]
     t = tiles or {}
+    dp = max(16, triton.next_power_of_2(DK))  # tl.arange needs a power of two, tl.dot K >= 16: zero-pad
+    if dp != DK:
+        q = torch.nn.functional.pad(q, (0, dp - DK))
+        keys = torch.nn.functional.pad(keys, (0, dp - DK))
     out = torch.empty((T, J), dtype=torch.float32, device=q.device)
     if T and J:
         bj = min(t.get("BJ", 128), max(16, triton.next_power_of_2(J)))
         bh = min(t.get("BH", 64), max(16, triton.next_power_of_2(H)))
         indexer_score_kernel[(T, triton.cdiv(J, bj))](q.contiguous(), weights.contiguous(), keys.contiguous(),
                                                       q_pos.contiguous(), out, J, ratio, scale,
-                                                      H=H, DK=DK, BH=bh, BJ=bj)
+                                                      H=H, DK=dp, BH=bh, BJ=bj)
     return out
 
 

@@ -78,9 +78,14 @@ def launch(q, q_pos, kv, kv_pos, window: int, comp, ratio: int, comp_sel, sinks,
 
     T, H, D = q.shape
     t = tiles or {}
-    out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
     if T == 0:
-        return out
+        return torch.empty((T, H, D), dtype=torch.float32, device=q.device)
+    dp = max(16, triton.next_power_of_2(D))  # tl.arange needs a power of two, tl.dot K >= 16: zero-pad
+    if dp != D:
+        pad = torch.nn.functional.pad
+        q, kv = pad(q, (0, dp - D)), pad(kv, (0, dp - D))
+        comp = None if comp is None else pad(comp, (0, dp - D))
+    out = torch.empty((T, H, dp), dtype=torch.float32, device=q.device)
     # each token's window as a row range of the ascending kv_pos (the host side of a block table)
     lo = torch.searchsorted(kv_pos, q_pos - window + 1).to(torch.int32)
     hi = torch.searchsorted(kv_pos, q_pos, right=True).to(torch.int32)
@@ -99,8 +104,8 @@ def launch(q, q_pos, kv, kv_pos, window: int, comp, ratio: int, comp_sel, sinks,
         q.contiguous(), q_pos.contiguous(), kv.contiguous(), kv_pos.contiguous(), lo, hi,
         comp.contiguous() if has_comp else dummy, comp_sel.contiguous() if has_sel else dummy.to(torch.int64),
         sinks.contiguous(), out, window, ratio, comp.shape[0] if has_comp else 0, n_sel, scale,
-        H=H, D=D, BH=bh, BS=t.get("BS", 32), BK=t.get("BK", 32), HAS_COMP=has_comp, HAS_SEL=has_sel)
-    return out
+        H=H, D=dp, BH=bh, BS=t.get("BS", 32), BK=t.get("BK", 32), HAS_COMP=has_comp, HAS_SEL=has_sel)
+    return out if dp == D else out[..., :D].contiguous()
 
 
 def compile_spec(shape: dict, tiles: dict) -> tuple:
