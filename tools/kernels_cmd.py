@@ -63,7 +63,8 @@ def _text(r: dict[str, Any]) -> str:
         ub = f"{x['ub_bytes'] / 1024:.1f} ({x['ub_limit'] // 1024})" if x.get("ub_bytes") is not None else "-"
         l0c = f"{x['l0c_bytes'] / 1024:.1f}" if x.get("l0c_bytes") is not None else "-"
         tiles = ",".join(f"{k}={v}" for k, v in x["tiles"].items())
-        lines.append(f"{x['kernel']:<18} {x['soc']:<4} {x['shape_set']:<11} {x['status']:<9} {ub:>16} {l0c:>8}  {tiles}")
+        lines.append(f"{x['kernel']:<18} {x['soc']:<4} {x['shape_set']:<11} {x['status']:<9} {ub:>16} {l0c:>8}  "
+                     f"{tiles}")
         if x.get("error") and x["status"] != "ok":
             lines.append(f"    {x['error'].splitlines()[0][:200]}")
     return "\n".join(lines)
