@@ -157,7 +157,10 @@ def compile_kernel(name: str, kernel: Any, signature: dict, constants: dict, soc
         errs = _errors(p.stderr + p.stdout)
         if keep is not None:
             shutil.copytree(tmpd, keep, dirs_exist_ok=True)
-        if re.search(r"(ub|cc|l1|cbuf) overflow", errs, re.I):
+        # bishengir-compile retries a UB overflow without code motion / multi-buffering ("[NOTE] ... compilation
+        # then succeeded"); what remains an overflow is reported as "... overflow, requires N bits while M bits"
+        res["notes"] = [ln.strip() for ln in (p.stderr + p.stdout).splitlines() if ln.startswith("[NOTE]")]
+        if re.search(r"(ub|cc|l1|cbuf) overflow, requires", errs, re.I):
             return _finish(res, "overflow", errs, t0, cpath, use_cache)
         if not hivm_path.is_file() or (p.returncode and not _only_hivmc_missing(errs)):
             return _finish(res, "error", errs or f"exit {p.returncode}, no HIVM module", t0, cpath, use_cache)
@@ -174,12 +177,14 @@ def compile_kernel(name: str, kernel: Any, signature: dict, constants: dict, soc
 
 
 def _errors(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if any(w in ln.lower() for w in ("error", "overflow", "assert"))]
+    lines = [ln for ln in text.splitlines() if any(w in ln.lower() for w in ("error", "overflow", "assert"))
+             and not ln.startswith("[NOTE]")]
     return "\n".join(lines[:12])
 
 
 def _only_hivmc_missing(errs: str) -> bool:
-    bad = [ln for ln in errs.splitlines() if "hivmc" not in ln and "BiShengIR pipeline" not in ln]
+    bad = [ln for ln in errs.splitlines() if "error" in ln.lower() and "hivmc" not in ln
+           and "BiShengIR pipeline" not in ln]
     return not bad
 
 

@@ -10,10 +10,6 @@ halves so the interleaved rope pairs need no in-register shuffle; the softmax ov
 time, so any ratio (4 or 128) fits the unified buffer. With OVERLAP, APE, NORM and ROPE all off the kernel is the
 contract's plain `compress` (kv, score [G, R, C] -> [G, C]).
 
-Compile status: the row-layout instance (OVERLAP off; the host hands the 2r overlap candidates as rows) lowers
-for A2 / A3 / 950. The in-kernel overlap path (OVERLAP on) is checked under the interpreter only: triton-adapter-
-opt 3.2.0 aborts on it in InterleaveOptimization.cpp (recountReinterpretCastOffset), a lowering bug to report
-upstream or to avoid by moving the stride-2 feature split out of the overlap loop.
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ def _pool(m, l, acc, kv, sc):
 @triton.jit
 def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, cos_ptr, sin_ptr,
                       out_ptr, state_kv_ptr, state_sc_ptr,
-                      G, R, eps,
+                      G, R, off_b, eps,
                       W: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
                       OVERLAP: tl.constexpr, APE: tl.constexpr,
                       NORM: tl.constexpr, ROPE_PAIRS: tl.constexpr):
@@ -51,19 +47,23 @@ def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, 
     l_o = tl.zeros([HP], tl.float32)
     a_e = tl.zeros([HP], tl.float32)
     a_o = tl.zeros([HP], tl.float32)
-    # this group's rows: features [C, 2C) with the overlap layout, [0, C) without
-    off_b = C if OVERLAP else 0
+    # this group's rows: features [C, 2C) with the overlap layout, [0, C) without. Group and feature offsets go
+    # on the scalar base pointer: triton-adapter-opt 3.2.0's InterleaveOptimization aborts when a constant
+    # feature offset sits inside the stride-2 offset tensor next to a program-id term, and on a constant pointer
+    # offset: off_b (C with the overlap layout, else 0) is therefore a runtime argument
+    kv_g = kv_ptr + g * R * W + off_b
+    sc_g = sc_ptr + g * R * W + off_b
+    ape_b = ape_ptr + off_b
     for r0 in range(0, R, BR):
         rm = ((r0 + rr) < R)[:, None] & pm[None, :]
-        base = (g * R + r0 + rr[:, None]) * W + off_b + 2 * p[None, :]
-        kv_e = tl.load(kv_ptr + base, mask=rm, other=0.0).to(tl.float32)
-        kv_o = tl.load(kv_ptr + base + 1, mask=rm, other=0.0).to(tl.float32)
-        sc_e = tl.load(sc_ptr + base, mask=rm, other=ninf).to(tl.float32)
-        sc_o = tl.load(sc_ptr + base + 1, mask=rm, other=ninf).to(tl.float32)
+        base = (r0 + rr[:, None]) * W + 2 * p[None, :]
+        kv_e = tl.load(kv_g + base, mask=rm, other=0.0).to(tl.float32)
+        kv_o = tl.load(kv_g + base + 1, mask=rm, other=0.0).to(tl.float32)
+        sc_e = tl.load(sc_g + base, mask=rm, other=ninf).to(tl.float32)
+        sc_o = tl.load(sc_g + base + 1, mask=rm, other=ninf).to(tl.float32)
         if APE:
-            abase = (r0 + rr[:, None]) * W + off_b + 2 * p[None, :]
-            sc_e += tl.load(ape_ptr + abase, mask=rm, other=0.0)
-            sc_o += tl.load(ape_ptr + abase + 1, mask=rm, other=0.0)
+            sc_e += tl.load(ape_b + base, mask=rm, other=0.0)
+            sc_o += tl.load(ape_b + base + 1, mask=rm, other=0.0)
         m_e, l_e, a_e = _pool(m_e, l_e, a_e, kv_e, sc_e)
         m_o, l_o, a_o = _pool(m_o, l_o, a_o, kv_o, sc_o)
     if OVERLAP:
@@ -72,21 +72,24 @@ def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, 
         lim_rows = R * (g > 0).to(tl.int32)
         lim_state = R - lim_rows
         lim_last = R * (g == G - 1).to(tl.int32)
+        kv_p = kv_ptr + tl.maximum(g - 1, 0) * R * W  # group g - 1 (masked off for g = 0)
+        sc_p = sc_ptr + tl.maximum(g - 1, 0) * R * W
+        kv_l = kv_ptr + g * R * W
+        sc_l = sc_ptr + g * R * W
         for r0 in range(0, R, BR):
             rok = ((r0 + rr) < R)[:, None] & pm[None, :]
-            base = ((g - 1) * R + r0 + rr[:, None]) * W + 2 * p[None, :]
-            sbase = (r0 + rr[:, None]) * C + 2 * p[None, :]
             abase = (r0 + rr[:, None]) * W + 2 * p[None, :]
+            sbase = (r0 + rr[:, None]) * C + 2 * p[None, :]
             from_rows = ((r0 + rr) < lim_rows)[:, None] & pm[None, :]
             from_state = ((r0 + rr) < lim_state)[:, None] & pm[None, :]
-            kv_e = (tl.load(kv_ptr + base, mask=from_rows, other=0.0).to(tl.float32)
+            kv_e = (tl.load(kv_p + abase, mask=from_rows, other=0.0).to(tl.float32)
                     + tl.load(prev_kv_ptr + sbase, mask=from_state, other=0.0).to(tl.float32))
-            kv_o = (tl.load(kv_ptr + base + 1, mask=from_rows, other=0.0).to(tl.float32)
+            kv_o = (tl.load(kv_p + abase + 1, mask=from_rows, other=0.0).to(tl.float32)
                     + tl.load(prev_kv_ptr + sbase + 1, mask=from_state, other=0.0).to(tl.float32))
-            sc_e = (tl.load(sc_ptr + base, mask=from_rows, other=0.0).to(tl.float32)
+            sc_e = (tl.load(sc_p + abase, mask=from_rows, other=0.0).to(tl.float32)
                     + tl.load(ape_ptr + abase, mask=from_rows, other=0.0)
                     + tl.load(prev_sc_ptr + sbase, mask=from_state, other=0.0).to(tl.float32))
-            sc_o = (tl.load(sc_ptr + base + 1, mask=from_rows, other=0.0).to(tl.float32)
+            sc_o = (tl.load(sc_p + abase + 1, mask=from_rows, other=0.0).to(tl.float32)
                     + tl.load(ape_ptr + abase + 1, mask=from_rows, other=0.0)
                     + tl.load(prev_sc_ptr + sbase + 1, mask=from_state, other=0.0).to(tl.float32))
             sc_e = tl.where(rok, sc_e, ninf)
@@ -95,12 +98,11 @@ def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, 
             m_o, l_o, a_o = _pool(m_o, l_o, a_o, kv_o, sc_o)
             # state update: the last group's first half (kv, score + ape) for the next call
             last = ((r0 + rr) < lim_last)[:, None] & pm[None, :]
-            lbase = (g * R + r0 + rr[:, None]) * W + 2 * p[None, :]
-            tl.store(state_kv_ptr + sbase, tl.load(kv_ptr + lbase, mask=last, other=0.0), mask=last)
-            tl.store(state_kv_ptr + sbase + 1, tl.load(kv_ptr + lbase + 1, mask=last, other=0.0), mask=last)
-            s_e = tl.load(sc_ptr + lbase, mask=last, other=0.0).to(tl.float32) + tl.load(ape_ptr + abase, mask=last,
+            tl.store(state_kv_ptr + sbase, tl.load(kv_l + abase, mask=last, other=0.0), mask=last)
+            tl.store(state_kv_ptr + sbase + 1, tl.load(kv_l + abase + 1, mask=last, other=0.0), mask=last)
+            s_e = tl.load(sc_l + abase, mask=last, other=0.0).to(tl.float32) + tl.load(ape_ptr + abase, mask=last,
                                                                                         other=0.0)
-            s_o = tl.load(sc_ptr + lbase + 1, mask=last, other=0.0).to(tl.float32) + tl.load(
+            s_o = tl.load(sc_l + abase + 1, mask=last, other=0.0).to(tl.float32) + tl.load(
                 ape_ptr + abase + 1, mask=last, other=0.0)
             tl.store(state_sc_ptr + sbase, s_e, mask=last)
             tl.store(state_sc_ptr + sbase + 1, s_o, mask=last)
@@ -150,7 +152,7 @@ def launch(kv, score, *, ape=None, prev_kv=None, prev_score=None, norm_weight=No
             dummy if prev_score is None else prev_score.contiguous(),
             dummy if norm_weight is None else norm_weight.contiguous(),
             dummy if cos is None else cos.contiguous(), dummy if sin is None else sin.contiguous(),
-            out, state_kv, state_sc, G, R, eps, W=W, C=C,
+            out, state_kv, state_sc, G, R, C if overlap else 0, eps, W=W, C=C,
             HP=triton.next_power_of_2(max(C // 2, 1)), BR=min(br, triton.next_power_of_2(R)), OVERLAP=overlap,
             APE=ape is not None, NORM=norm_weight is not None, ROPE_PAIRS=pairs)
     return out, (state_kv if overlap else None), (state_sc if overlap else None)
@@ -161,7 +163,8 @@ def compile_spec(shape: dict, tiles: dict) -> tuple:
     C = shape["head_dim"]
     sig = {"kv_ptr": "*bf16", "sc_ptr": "*bf16", "ape_ptr": "*fp32", "prev_kv_ptr": "*fp32", "prev_sc_ptr": "*fp32",
            "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*fp32", "state_kv_ptr": "*bf16",
-           "state_sc_ptr": "*fp32", "G": "i32", "R": "i32", "eps": "fp32"}
+           "state_sc_ptr": "*fp32", "G": "i32", "R": "i32", "off_b": "i32",
+           "eps": "fp32"}
     overlap = shape.get("overlap", True)
     consts = {"W": 2 * C if overlap else C, "C": C, "HP": C // 2, "BR": tiles["BR"], "OVERLAP": overlap,
               "APE": True, "NORM": True,

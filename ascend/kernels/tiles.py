@@ -39,12 +39,14 @@ def model_shapes(name: str) -> dict[str, Any]:
 
 
 def instances(shape_set: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(instance name, kernel, shape) compiled for a shape set. The compressor is compiled with candidates in
-    row layout (the ratio-4 overlap candidates assembled by the host, 2r rows; ratio 128 as is): triton-adapter-opt
-    3.2.0 asserts in its InterleaveOptimization pass on the in-kernel overlap path (see compressor.py)."""
+    """(instance name, kernel, shape) compiled for a shape set: the compressor once per layout (ratio 4 with the
+    overlap layout and state, ratio 128 without) plus the indexer's own compressor (index_head_dim, ratio 4)."""
     sh = model_shapes(shape_set)
-    return [("mhc_pre", "mhc_pre", sh), ("mhc_post", "mhc_post", sh),
-            ("compressor", "compressor", {**sh, "overlap": False}),
-            ("compressor_index", "compressor", {**sh, "overlap": False, "head_dim": sh["index_head_dim"]}),
-            ("indexer_score", "indexer_score", sh), ("indexer_topk", "indexer_topk", sh),
+    out = [("mhc_pre", "mhc_pre", sh), ("mhc_post", "mhc_post", sh)]
+    for r in sh["ratios"]:
+        out.append((f"compressor_c{r}", "compressor", {**sh, "overlap": r == 4}))
+    if 4 in sh["ratios"]:
+        out.append(("compressor_index", "compressor", {**sh, "overlap": True, "head_dim": sh["index_head_dim"]}))
+    out += [("indexer_score", "indexer_score", sh), ("indexer_topk", "indexer_topk", sh),
             ("sparse_attention", "sparse_attention", sh)]
+    return out
