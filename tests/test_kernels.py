@@ -166,6 +166,36 @@ def test_sparse_attention(rng, case):
     assert_close(sparse_attention.launch(*targs).numpy(), R.sparse_attention(*args))
 
 
+def _bf16(a):
+    """bf16-rounded copy as (torch bf16 tensor, float32 numpy of the same values)."""
+    t = torch.from_numpy(a).to(torch.bfloat16)
+    return t, t.to(torch.float32).numpy()
+
+
+@needs_kernels
+def test_bf16_inputs(rng):
+    # bf16 activations (the device dtype): the kernels widen to float32, so against the reference on the same
+    # bf16-rounded values mHC pre and the indexer are float32-exact (1e-4 / identical), attention keeps its
+    # P @ V product in bf16 (bound 1e-2)
+    import ascend.kernels.torch_ops  # noqa: F401
+    from ascend.kernels import mhc_pre, sparse_attention
+
+    xt, xr = _bf16(f32(rng, 3, 4, 64))
+    fn, scale, base = f32(rng, 24, 256, scale=0.1), 1 + f32(rng, 3, scale=0.1), f32(rng, 24, scale=0.5)
+    got = mhc_pre.launch(xt, T(fn), T(scale), T(base), 20, 1e-6, 1e-6)
+    for g, w in zip(got, R.hc_pre(xr, fn, scale, base, 20, 1e-6, 1e-6), strict=True):
+        assert_close(g.numpy(), w)
+    (qt, qr), (kt, kr), w = _bf16(f32(rng, 6, 8, 32)), _bf16(f32(rng, 30, 32)), f32(rng, 6, 8)
+    pos = np.arange(100, 106)
+    np.testing.assert_array_equal(torch.ops.dsv4.indexer_topk(qt, T(w), kt, T(pos), 4, 8, 0.2).numpy(),
+                                  R.indexer_topk(qr, w, kr, pos, 4, 8, 0.2))
+    (qt, qr), (vt, vr) = _bf16(f32(rng, 6, 16, 64)), _bf16(f32(rng, 40, 64))
+    kv_pos, sinks = np.arange(66, 106), f32(rng, 16)
+    args = (qr, pos, vr, kv_pos, 16, None, 4, None, sinks, 0.125)
+    got = sparse_attention.launch(qt, T(pos), vt, T(kv_pos), 16, None, 4, None, T(sinks), 0.125)
+    assert_close(got.numpy(), R.sparse_attention(*args), 1e-2)
+
+
 @needs_kernels
 def test_custom_ops_registered_with_fake_shapes(rng):
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -31,6 +31,7 @@ def prepare(interpret: bool) -> None:
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
         _fix_interpreter_index()
+        _fix_interpreter_bf16_dot()
 
 
 def _fix_interpreter_index() -> None:
@@ -50,3 +51,28 @@ def _fix_interpreter_index() -> None:
 
     patched._dsv4_fixed = True
     interp._patch_lang_tensor = patched
+
+
+def _fix_interpreter_bf16_dot() -> None:
+    # the interpreter stores bfloat16 as its uint16 bit pattern and its tl.dot multiplies those integers; widen
+    # bf16 operands to float32 first (exact), which is the cube unit's bf16 x bf16 -> fp32 product
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    orig = builder.create_dot
+    if getattr(orig, "_dsv4_fixed", False):
+        return
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = (h.data.astype(np.uint32) << 16).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._dsv4_fixed = True
+    builder.create_dot = create_dot
