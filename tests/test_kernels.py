@@ -219,6 +219,17 @@ def test_custom_ops_registered_with_fake_shapes(rng):
         o = ops.sparse_attention(torch.empty(7, 4, 16), torch.empty(7, dtype=torch.int64), torch.empty(9, 16),
                                  torch.empty(9, dtype=torch.int64), 8, None, 4, None, torch.empty(4), 0.25)
         assert o.shape == (7, 4, 16)
+    # graph capture: the ops stay single nodes of a fake-traced graph (no kernel runs)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def block(x, fn, scale, base, y):
+        _, post, comb = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+        return ops.hc_post(y, x, post, comb)
+
+    g = make_fx(block, tracing_mode="fake")(torch.empty(7, 4, 64), torch.empty(24, 256), torch.empty(3),
+                                            torch.empty(24), torch.empty(7, 64))
+    targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+    assert "dsv4.hc_pre.default" in targets and "dsv4.hc_post.default" in targets
     q = T(f32(rng, 3, 4, 16))
     torch.library.opcheck(ops.hc_post, (T(f32(rng, 3, 16)), q, T(f32(rng, 3, 4)), T(f32(rng, 3, 4, 4))),
                           test_utils=("test_schema", "test_faketensor"))
