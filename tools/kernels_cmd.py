@@ -71,7 +71,14 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def run_kernels(args) -> int:
+    import os
+
     from ascend.kernels import tiles as TL
+
+    # compiling needs triton's real frontend: drop the interpreter switch before any kernel module is imported
+    if os.environ.pop("TRITON_INTERPRET", None) == "1" and "triton.language" in sys.modules:
+        raise CliError("TRITON_INTERPRET=1 is set and triton is already loaded; run `dsv4 kernels` without it",
+                       EXIT_USAGE)
 
     socs = [args.soc] if args.soc else list(TL.SOCS)
     if args.model and args.model not in TL.SHAPE_SETS:
