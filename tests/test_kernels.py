@@ -146,6 +146,26 @@ def test_indexer_topk_v4_widths(rng):
 
 
 @needs_kernels
+def test_indexer_topk_radix_select_ties_signed_zero_and_v4_topk(rng):
+    # scores straight into the top-k kernel: heavy ties, -0.0 next to +0.0 (equal for the reference), negatives,
+    # invisible -inf entries, and the V4-Pro top-k of 1024 over 4096 entries
+    from ascend.kernels import indexer_topk
+
+    s = rng.integers(-3, 4, (3, 4096)).astype(np.float32) * np.float32(0.5)
+    s[0, ::7] = -0.0
+    s[1, 3000:] = -np.inf
+    s[2, :] = 0.0
+    s[2, 5] = -0.0
+    got = indexer_topk.launch(T(s), 1024).numpy()
+    order = np.argsort(-s, axis=-1, kind="stable")[:, :1024]
+    want = np.where(np.take_along_axis(np.isfinite(s), order, axis=-1), order, -1)
+    np.testing.assert_array_equal(got, want)
+    few = np.full((1, 10), -np.inf, np.float32)
+    few[0, 4] = 1.0
+    np.testing.assert_array_equal(indexer_topk.launch(T(few), 3).numpy(), [[4, -1, -1]])
+
+
+@needs_kernels
 @pytest.mark.parametrize("case", ["window", "compressed", "selected", "empty", "d512"])
 def test_sparse_attention(rng, case):
     from ascend.kernels import sparse_attention

@@ -17,7 +17,7 @@ _A2A3 = {
     "mhc_post": {"BD": 512},
     "compressor": {"BR": 4},
     "indexer_score": {"BH": 64, "BJ": 128},
-    "indexer_topk": {"BJ": 1024},
+    "indexer_topk": {"BJ": 1024, "BK": 64},
     "sparse_attention": {"BH": 16, "BS": 32, "BK": 32},
 }
 _950 = {**_A2A3, "indexer_score": {"BH": 64, "BJ": 128}, "compressor": {"BR": 16}}
