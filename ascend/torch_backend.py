@@ -211,7 +211,7 @@ class TorchBackend:
         if providers is None:
             providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
         providers = frozenset(providers)
-        self.providers = providers | _triton_provider("triton" if S.TRITON in providers else kernels, device)
+        self.providers = providers | _triton_provider("triton" if S.TRITON in providers else kernels, device, self.soc)
         unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED, S.TRITON}
         if unknown:
             raise ValueError(f"the torch backend has no provider {sorted(unknown)}")
@@ -787,7 +787,7 @@ def torch_backend(device: str = "cpu", soc: str | None = None, providers: Iterab
 
 
 # ---- our Triton-Ascend kernels (ascend/kernels): provider "triton" ---------------------------------------------
-def _triton_provider(kernels: str | None, device: str) -> frozenset:
+def _triton_provider(kernels: str | None, device: str, soc: str) -> frozenset:
     """{"triton"} when asked for (kernels="triton"; on a CPU the kernels then run under triton's interpreter)."""
     if kernels in (None, "default"):
         return frozenset()
@@ -801,6 +801,9 @@ def _triton_provider(kernels: str | None, device: str) -> frozenset:
         raise BackendUnavailable("--kernels triton needs triton-ascend: pip install -e .[kernels] in its own venv "
                                  "(see README, 'Our kernels')")
     prepare(interpret=device == "cpu")
+    from .kernels import tiles
+
+    tiles.set_soc(soc)  # the launches take this SoC's tile sizes
     return frozenset({S.TRITON})
 
 

@@ -256,7 +256,8 @@ def test_custom_ops_registered_with_fake_shapes(rng):
 
 
 @needs_kernels
-def test_model_end_to_end_through_our_kernels():
+@pytest.mark.parametrize("soc", ["A2", "950"])
+def test_model_end_to_end_through_our_kernels(soc):
     from ascend import soc as S
     from ascend.torch_backend import TorchBackend
     from common.generate import SamplingParams, generate
@@ -265,7 +266,7 @@ def test_model_end_to_end_through_our_kernels():
 
     cfg = small_config()
     weights = random_weights(cfg, seed=11)
-    B = TorchBackend(providers={S.TORCH_NPU, S.COMPOSED}, kernels="triton")
+    B = TorchBackend(soc=soc, providers={S.TORCH_NPU, S.COMPOSED}, kernels="triton")  # launches with soc's tiles
     prompt = np.random.default_rng(3).integers(2, cfg.vocab_size, 12).tolist()
     params = SamplingParams(max_new_tokens=6, stop_on_eos=False)
     want = generate(Model(cfg, weights, R), [prompt], params, keep_prompt_logits=True)

@@ -24,8 +24,22 @@ _950 = {**_A2A3, "indexer_score": {"BH": 64, "BJ": 128}, "compressor": {"BR": 16
 TILES: dict[str, dict[str, dict[str, int]]] = {"A2": _A2A3, "A3": _A2A3, "950": _950}
 
 
+_ACTIVE = {"soc": "A2"}
+
+
 def tiles(kernel: str, soc: str) -> dict[str, int]:
     return dict(TILES[soc][kernel])
+
+
+def set_soc(soc: str) -> None:
+    """The SoC whose tiles the torch custom ops launch with (set by the torch backend)."""
+    if soc not in TILES:
+        raise ValueError(f"no tiles for SoC {soc!r}; known: {', '.join(TILES)}")
+    _ACTIVE["soc"] = soc
+
+
+def active(kernel: str) -> dict[str, int]:
+    return tiles(kernel, _ACTIVE["soc"])
 
 
 def model_shapes(name: str) -> dict[str, Any]:

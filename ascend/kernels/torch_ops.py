@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import kernel_module
+from .tiles import active
 
 NAMESPACE = "dsv4"
 OPS = ("hc_pre", "hc_post", "compress", "compressor", "indexer_topk", "sparse_attention")
@@ -20,7 +21,7 @@ OPS = ("hc_pre", "hc_post", "compress", "compressor", "indexer_topk", "sparse_at
 @torch.library.custom_op("dsv4::hc_pre", mutates_args=())
 def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float,
            norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return kernel_module("mhc_pre").launch(x, fn, scale, base, iters, hc_eps, norm_eps)
+    return kernel_module("mhc_pre").launch(x, fn, scale, base, iters, hc_eps, norm_eps, tiles=active("mhc_pre"))
 
 
 @hc_pre.register_fake
@@ -32,7 +33,7 @@ def _(x, fn, scale, base, iters, hc_eps, norm_eps):
 
 @torch.library.custom_op("dsv4::hc_post", mutates_args=())
 def hc_post(y: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    return kernel_module("mhc_post").launch(y, x, post, comb)
+    return kernel_module("mhc_post").launch(y, x, post, comb, tiles=active("mhc_post"))
 
 
 @hc_post.register_fake
@@ -42,7 +43,7 @@ def _(y, x, post, comb):
 
 @torch.library.custom_op("dsv4::compress", mutates_args=())
 def compress(kv: Tensor, score: Tensor) -> Tensor:
-    return kernel_module("compressor").launch(kv, score)[0]
+    return kernel_module("compressor").launch(kv, score, tiles=active("compressor"))[0]
 
 
 @compress.register_fake
@@ -58,7 +59,7 @@ def compressor(kv: Tensor, score: Tensor, ape: Tensor | None, prev_kv: Tensor | 
     overlap)."""
     out, skv, ssc = kernel_module("compressor").launch(kv, score, ape=ape, prev_kv=prev_kv, prev_score=prev_score,
                                                       norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
-                                                      overlap=overlap)
+                                                      overlap=overlap, tiles=active("compressor"))
     empty = kv.new_empty((0,), dtype=torch.float32)
     return out, (empty if skv is None else skv.clone()), (empty if ssc is None else ssc.clone())
 
@@ -75,8 +76,9 @@ def _(kv, score, ape, prev_kv, prev_score, norm_weight, eps, cos, sin, overlap):
 @torch.library.custom_op("dsv4::indexer_topk", mutates_args=())
 def indexer_topk(q: Tensor, weights: Tensor, keys: Tensor, q_pos: Tensor, ratio: int, topk: int,
                  scale: float) -> Tensor:
-    scores = kernel_module("indexer_score").launch(q, weights, keys, q_pos, ratio, scale)
-    return kernel_module("indexer_topk").launch(scores, topk)
+    scores = kernel_module("indexer_score").launch(q, weights, keys, q_pos, ratio, scale,
+                                                   tiles=active("indexer_score"))
+    return kernel_module("indexer_topk").launch(scores, topk, tiles=active("indexer_topk"))
 
 
 @indexer_topk.register_fake
@@ -88,7 +90,7 @@ def _(q, weights, keys, q_pos, ratio, topk, scale):
 def sparse_attention(q: Tensor, q_pos: Tensor, kv: Tensor, kv_pos: Tensor, window: int, comp: Tensor | None,
                      ratio: int, comp_sel: Tensor | None, sinks: Tensor, scale: float) -> Tensor:
     return kernel_module("sparse_attention").launch(q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks,
-                                                    scale)
+                                                    scale, tiles=active("sparse_attention"))
 
 
 @sparse_attention.register_fake
