@@ -351,3 +351,11 @@ def test_kernels_triton_without_triton_is_a_clean_error(capsys):
                "--max-new-tokens", "1"])
     assert rc != 0
     assert "triton-ascend" in capsys.readouterr().err
+
+
+def test_kernels_triton_needs_the_torch_backend(capsys):
+    from tools.cli import main
+
+    assert main(["generate", "--model", "tiny", "--kernels", "triton", "--prompt-ids", "5", "--max-new-tokens",
+                 "1"]) == 2
+    assert "--backend torch" in capsys.readouterr().err

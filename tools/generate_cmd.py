@@ -113,6 +113,8 @@ def run_generate(args) -> int:
 
         return run_generate_distributed(args)
     params = sampling_params(args)
+    if getattr(args, "kernels", None) == "triton" and args.backend != "torch":
+        raise CliError("--kernels triton: our kernels run on the torch backend (--backend torch)", EXIT_USAGE)
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
         opts = ({"device": args.device, "soc": args.soc, "kernels": getattr(args, "kernels", None)}
