@@ -53,7 +53,7 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
     if info.torch_version is None:
         report["ops_error"] = "torch is not installed: pip install -e .[torch]"
         return report
-    from ascend.torch_backend import CONTRACT_OPS, LOWERINGS, UNTABLED, TorchBackend, model_calls
+    from ascend.torch_backend import CONTRACT_OPS, LOWERINGS, UNTABLED, TorchBackend, index_call, model_calls
     from common.loading import is_preset
 
     if is_preset(model):
@@ -64,12 +64,18 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
         from common.config import load_config
 
         cfg = load_config(model)
+    from ascend.kernels import available as kernels_available
+
+    # our Triton-Ascend kernels are a provider wherever triton-ascend is installed (the plan is for the NPU),
+    # unless --providers names the providers explicitly
+    kernels = "triton" if providers is None and kernels_available() else None
     if providers is None and soc is not None and not info.has_npu:
         from ascend.torch_backend import simulated_providers
 
         providers = simulated_providers("cpu", soc, None)  # planning a SoC on a CPU: as deployed there
         report["providers_source"] = "simulated deployment (torch_npu + vllm-ascend custom ops); --providers to change"
-    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype)
+    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype,
+                           kernels=kernels)
     report["providers"] = sorted(backend.providers)
     report["torch_npu_schemas"] = backend.torch_npu_version
     report["moe_comm"] = {"ep": ep, "tokens_per_rank": tokens_per_rank, "hidden": cfg.dim,
@@ -82,6 +88,8 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
             "variants": [{k: r[k] for k in ("variant", "status", "reason")} for r in rows
                          if r["variant"].split(":")[0] in provs]}
     calls = model_calls(cfg, dtype)
+    # the index cache holds int8 keys only where the int8 indexer kernel is the variant (as the model asks)
+    calls["lightning_indexer"] = index_call(cfg, dtype, backend.index_key_dtype(cfg))
     plan = backend.plan(calls)
     for op, table_ops in CONTRACT_OPS.items():
         entry: dict[str, Any] = {}
