@@ -102,7 +102,17 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
                 entry[t] = {"chosen": UNTABLED[t], "call": {}, "variants": [],
                             "note": "no SoC-table entry: plain torch ops on every SoC"}
         report["ops"][op] = entry
+    # the primitives the kernel-granularity attention ops compose: reached only where such an op is composed
+    for prim, users in PRIMITIVE_OF.items():
+        composed_users = [u for u in users if (report["ops"][u][u]["chosen"] or "").startswith("composed")]
+        report["ops"][prim][prim]["note"] = (f"inside the composed {', '.join(composed_users)}" if composed_users
+                                             else f"not reached: {', '.join(users)} runs a kernel")
     return report
+
+
+# contract primitive -> the kernel-granularity ops whose composed path calls it (ops/attention_kernels.py)
+PRIMITIVE_OF = {"compress": ("compressor",), "indexer_topk": ("lightning_indexer",),
+                "sparse_attention": ("sparse_attn_sharedkv",)}
 
 
 def _dist_version(package: str | None) -> str | None:
@@ -152,7 +162,8 @@ def _text(r: dict[str, Any]) -> str:
     for op, entry in r["ops"].items():
         for t, e in entry.items():
             label = op if t == op else f"{op} [{t}]"
-            lines.append(f"{label:<34} -> {e['chosen']}")
+            prim = f" ({e['note']})" if t in PRIMITIVE_OF else ""
+            lines.append(f"{label:<34} -> {e['chosen']}{prim}")
             for v in e["variants"]:
                 if v["status"] == "skipped" and v["reason"] != "a preferred variant was chosen":
                     lines.append(f"{'':<38}skipped {v['variant']}: {v['reason']}")
