@@ -255,6 +255,113 @@ def test_custom_ops_registered_with_fake_shapes(rng):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# ---- the kernel-granularity attention ops (ops/attention_kernels.py argument lists) on our kernels, against
+# the NumPy golden of the same ops over the same paged caches ---------------------------------------------------
+def _ours():
+    from ascend import soc as S
+    from ascend.torch_backend import TorchBackend
+
+    return TorchBackend(providers={S.COMPOSED}, kernels="triton")
+
+
+@needs_kernels
+@pytest.mark.parametrize("ratio,coff", [(4, 2), (8, 1)])
+def test_compressor_op_over_paged_state_matches_golden(ratio, coff):
+    from ops.attention_kernels import SLOT_FLAT
+
+    rng = np.random.default_rng(0)
+    H, D, Rd, bs = 24, 16, 8, 16
+    x = f32(rng, 45, H)
+    wkv, wgate = f32(rng, coff * D, H, scale=0.3), f32(rng, coff * D, H, scale=0.3)
+    ape, norm_w = f32(rng, ratio, coff * D), rng.uniform(0.5, 1.5, D).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, Rd, 2, dtype=np.float32) / Rd)).astype(np.float32)
+    ang = np.arange(64, dtype=np.float32)[:, None] * inv
+    cos_t, sin_t = np.concatenate([np.cos(ang)] * 2, 1), np.concatenate([np.sin(ang)] * 2, 1)
+    st_table = np.array([[3, 1, 6, 2]], np.int32)  # scattered pages
+    B = _ours()
+    s_ref, s_got = np.zeros((8, bs, 2 * coff * D), np.float32), torch.zeros((8, bs, 2 * coff * D))
+    pos = 0
+    for n in (3, 1, 9, 20, 12):  # chunks: groups close across calls, the state carries the overlap half
+        cu, sp = np.array([0, n], np.int32), np.array([pos], np.int32)
+        rows = min(n, n // ratio + 1)
+        cos, sin, _ = R.compressor_metadata(cos_t, sin_t, cu, sp, np.array([[1]], np.int32), bs, SLOT_FLAT, ratio,
+                                            rows, 1)
+        args = (Rd, ratio, coff, 1e-6, 2, 1)
+        want = R.compressor(x[pos:pos + n], wkv, wgate, s_ref, ape, norm_w, sin, cos, st_table, cu, None, sp, *args)
+        got = B.compressor(T(x[pos:pos + n]), T(wkv), T(wgate), s_got, T(ape), T(norm_w), T(sin), T(cos),
+                           T(st_table), T(cu), None, T(sp), *args)
+        assert_close(got.numpy(), want)
+        assert_close(s_got.numpy(), s_ref)
+        pos += n
+    assert B.variants()["compressor"] == "triton:dsv4.compressor"
+
+
+@needs_kernels
+def test_lightning_indexer_op_float_and_int8_matches_golden():
+    from ops.quant import act_quant_per_token
+
+    from .test_attention_kernels import _paged
+
+    rng = np.random.default_rng(1)
+    N, D, ratio, K, bs = 8, 32, 4, 6, 16
+    lens, nq = [70, 9, 33], [5, 9, 1]
+    keys = [f32(rng, L // ratio, D) for L in lens]
+    cache, table = _paged(keys, D, bs, rng)
+    q, w = f32(rng, sum(nq), N, D), f32(rng, sum(nq), N)
+    ends, kl = np.cumsum(nq).astype(np.int32), np.array(lens, np.int32)
+    B = _ours()
+    tail = ("TND", "PA_BSND", K, 3)
+    want, _ = R.lightning_indexer(q, cache, w, None, None, 0, 0, ends, kl, table, None, *tail, cmp_ratio=ratio)
+    got, _ = B.lightning_indexer(T(q), T(cache), T(w), None, None, 0, 0, T(ends), T(kl), T(table), None, *tail,
+                                 cmp_ratio=ratio)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert B.variants()["lightning_indexer"] == "triton:dsv4.lightning_indexer"
+    # int8 keys + scales are dequantized on the host wrapper's gather: same choice as the golden
+    kq = [act_quant_per_token(k) for k in keys]
+    kcache, ktable = _paged([k for k, _ in kq], D, bs, np.random.default_rng(1), np.int8)
+    scache, _ = _paged([s.reshape(-1, 1) for _, s in kq], 1, bs, np.random.default_rng(1))
+    qq, qs = act_quant_per_token(q.reshape(-1, D))
+    qq, qs = qq.reshape(q.shape), qs.reshape(-1, N)
+    want, _ = R.lightning_indexer(qq, kcache, w, qs, scache[..., 0], 0, 0, ends, kl, ktable, None, *tail,
+                                  cmp_ratio=ratio)
+    got, _ = B._lightning_indexer_triton(T(qq), T(kcache), T(w), T(qs), T(scache[..., 0]), 0, 0, T(ends), T(kl),
+                                         T(ktable), None, *tail, cmp_ratio=ratio)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_sel", [False, True])
+def test_sparse_attn_sharedkv_op_matches_golden(with_sel):
+    from .test_attention_kernels import _paged
+
+    rng = np.random.default_rng(2)
+    H, D, W, ratio, bs, K = 4, 16, 8, 4, 16, 5
+    lens, nq = [40, 7, 23], [6, 7, 1]
+    raw = [f32(rng, L, D) for L in lens]
+    comp = [f32(rng, L // ratio, D) for L in lens]
+    ori, obt = _paged(raw, D, bs, rng)
+    cmp, cbt = _paged([c if len(c) else np.zeros((1, D), np.float32) for c in comp], D, bs, rng)
+    q, sinks = f32(rng, sum(nq), H, D), f32(rng, H)
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    sel = None
+    if with_sel:
+        sel = np.full((sum(nq), 1, K), -1, np.int32)
+        for t in range(sum(nq)):
+            b = int(np.searchsorted(cu, t, side="right") - 1)
+            pick = rng.permutation(len(comp[b]))[:K]
+            sel[t, 0, : len(pick)] = pick  # some not yet visible: the causal mask drops them
+    kw = dict(cmp_ratio=ratio, ori_win_left=W - 1, layout_q="TND", layout_kv="PA_ND", softmax_scale=0.3)
+    want, _ = R.sparse_attn_sharedkv(q, ori_kv=ori, cmp_kv=cmp, cmp_sparse_indices=sel, ori_block_table=obt,
+                                     cmp_block_table=cbt, cu_seqlens_q=cu, seqused_kv=np.array(lens, np.int32),
+                                     sinks=sinks, **kw)
+    B = _ours()
+    got, _ = B.sparse_attn_sharedkv(T(q), ori_kv=T(ori), cmp_kv=T(cmp), cmp_sparse_indices=None if sel is None
+                                    else T(sel), ori_block_table=T(obt), cmp_block_table=T(cbt), cu_seqlens_q=T(cu),
+                                    seqused_kv=T(np.array(lens, np.int32)), sinks=T(sinks), **kw)
+    assert_close(got.numpy(), want)
+    assert B.variants()["sparse_attn_sharedkv"] == "triton:dsv4.sparse_attn_sharedkv"
+
+
 @needs_kernels
 @pytest.mark.parametrize("soc", ["A2", "950"])
 def test_model_end_to_end_through_our_kernels(soc):
