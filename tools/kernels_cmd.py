@@ -54,7 +54,7 @@ def kernels_report(socs: list[str], shape_sets: list[str]) -> dict[str, Any]:
 def _text(r: dict[str, Any]) -> str:
     lines = []
     for k, v in r["kernels"].items():
-        lines.append(f"{k:<18} -> contract op {v['contract_op']}: {v['computes']}")
+        lines.append(f"{k:<18} -> serves {v['contract_op']}: {v['computes']}")
     if r["toolchain_error"]:
         lines.append(f"compile check: {r['toolchain_error']}")
     lines.append("")

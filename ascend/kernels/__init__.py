@@ -14,14 +14,14 @@ from typing import Any
 
 from ._runtime import interpreting, prepare, triton_installed
 
-# kernel -> (module, contract op it serves, what it computes)
+# kernel -> (module, SoC-table op it serves (lowering.py), what it computes)
 KERNELS: dict[str, tuple[str, str, str]] = {
     "mhc_pre": ("mhc_pre", "hc_pre", "mixes, RMS scale, sigmoid pre/post, Sinkhorn n x n, weighted collapse"),
     "mhc_post": ("mhc_post", "hc_post", "post * y + comb^T x"),
-    "compressor": ("compressor", "compress", "gated pooling (overlap layout), RMSNorm, partial RoPE, state update"),
-    "indexer_score": ("indexer_score", "indexer_topk", "lightning-indexer scores with visibility"),
-    "indexer_topk": ("indexer_topk", "indexer_topk", "top-k selection in the reference order"),
-    "sparse_attention": ("sparse_attention", "sparse_attention",
+    "compressor": ("compressor", "compressor", "gated pooling (overlap layout), RMSNorm, partial RoPE, state update"),
+    "indexer_score": ("indexer_score", "lightning_indexer", "lightning-indexer scores with visibility"),
+    "indexer_topk": ("indexer_topk", "lightning_indexer", "top-k selection in the reference order"),
+    "sparse_attention": ("sparse_attention", "sparse_attn_sharedkv",
                          "shared-KV attention with sinks over window + selected compressed entries"),
 }
 
