@@ -87,11 +87,12 @@ def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, 
             kv_o = (tl.load(kv_p + abase + 1, mask=from_rows, other=0.0).to(tl.float32)
                     + tl.load(prev_kv_ptr + sbase + 1, mask=from_state, other=0.0).to(tl.float32))
             sc_e = (tl.load(sc_p + abase, mask=from_rows, other=0.0).to(tl.float32)
-                    + tl.load(ape_ptr + abase, mask=from_rows, other=0.0)
                     + tl.load(prev_sc_ptr + sbase, mask=from_state, other=0.0).to(tl.float32))
             sc_o = (tl.load(sc_p + abase + 1, mask=from_rows, other=0.0).to(tl.float32)
-                    + tl.load(ape_ptr + abase + 1, mask=from_rows, other=0.0)
                     + tl.load(prev_sc_ptr + sbase + 1, mask=from_state, other=0.0).to(tl.float32))
+            if APE:  # off when the scores already carry ape (the V4 kernels' paged state holds score + ape)
+                sc_e += tl.load(ape_ptr + abase, mask=from_rows, other=0.0)
+                sc_o += tl.load(ape_ptr + abase + 1, mask=from_rows, other=0.0)
             sc_e = tl.where(rok, sc_e, ninf)
             sc_o = tl.where(rok, sc_o, ninf)
             m_e, l_e, a_e = _pool(m_e, l_e, a_e, kv_e, sc_e)
@@ -100,10 +101,11 @@ def compressor_kernel(kv_ptr, sc_ptr, ape_ptr, prev_kv_ptr, prev_sc_ptr, w_ptr, 
             last = ((r0 + rr) < lim_last)[:, None] & pm[None, :]
             tl.store(state_kv_ptr + sbase, tl.load(kv_l + abase, mask=last, other=0.0), mask=last)
             tl.store(state_kv_ptr + sbase + 1, tl.load(kv_l + abase + 1, mask=last, other=0.0), mask=last)
-            s_e = tl.load(sc_l + abase, mask=last, other=0.0).to(tl.float32) + tl.load(ape_ptr + abase, mask=last,
-                                                                                        other=0.0)
-            s_o = tl.load(sc_l + abase + 1, mask=last, other=0.0).to(tl.float32) + tl.load(
-                ape_ptr + abase + 1, mask=last, other=0.0)
+            s_e = tl.load(sc_l + abase, mask=last, other=0.0).to(tl.float32)
+            s_o = tl.load(sc_l + abase + 1, mask=last, other=0.0).to(tl.float32)
+            if APE:
+                s_e += tl.load(ape_ptr + abase, mask=last, other=0.0)
+                s_o += tl.load(ape_ptr + abase + 1, mask=last, other=0.0)
             tl.store(state_sc_ptr + sbase, s_e, mask=last)
             tl.store(state_sc_ptr + sbase + 1, s_o, mask=last)
     y_e = a_e / l_e
@@ -159,14 +161,16 @@ def launch(kv, score, *, ape=None, prev_kv=None, prev_score=None, norm_weight=No
 
 
 def compile_spec(shape: dict, tiles: dict) -> tuple:
-    """The fused instance: overlap layout (ratio 4), ape, RMSNorm and rope on the model's head_dim / rope_dim."""
+    """The instance the torch backend launches for the V4 `compressor` op (ascend/kernels/lowering.py): rows
+    gathered from the float32 paged state, whose scores already carry ape (so APE off); overlap layout for
+    ratio 4; RMSNorm and rope on the model's head_dim / rope_dim."""
     C = shape["head_dim"]
-    sig = {"kv_ptr": "*bf16", "sc_ptr": "*bf16", "ape_ptr": "*fp32", "prev_kv_ptr": "*fp32", "prev_sc_ptr": "*fp32",
-           "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*fp32", "state_kv_ptr": "*bf16",
+    sig = {"kv_ptr": "*fp32", "sc_ptr": "*fp32", "ape_ptr": "*fp32", "prev_kv_ptr": "*fp32", "prev_sc_ptr": "*fp32",
+           "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*fp32", "state_kv_ptr": "*fp32",
            "state_sc_ptr": "*fp32", "G": "i32", "R": "i32", "off_b": "i32",
            "eps": "fp32"}
     overlap = shape.get("overlap", True)
     consts = {"W": 2 * C if overlap else C, "C": C, "HP": C // 2, "BR": tiles["BR"], "OVERLAP": overlap,
-              "APE": True, "NORM": True,
+              "APE": False, "NORM": True,
               "ROPE_PAIRS": shape["rope_dim"] // 2}
     return compressor_kernel, sig, consts

@@ -63,7 +63,6 @@ def compressor(self, x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rop
     kv = self.linear(x, wkv).to(F32)
     sc = self.linear(x, wgate).to(F32)
     apef, nw = ape.to(F32), norm_weight.to(F32)
-    zero_ape = torch.zeros((r, 2 * D), dtype=F32, device=x.device) if coff == 2 else None
     sbs = int(state_cache.shape[1])
     out = torch.zeros((N, D), dtype=F32, device=x.device)
     n_out = 0
@@ -91,7 +90,7 @@ def compressor(self, x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rop
             else:
                 prev = self._gather(state_cache, st, b, (g0 - 1) * r + np.arange(r)).to(F32)
                 prev_kv, prev_sc = prev[:, :D], prev[:, cD:cD + D]
-            ent, _, _ = _ops().compressor(cur[:, :, :cD].contiguous(), cur[:, :, cD:].contiguous(), zero_ape,
+            ent, _, _ = _ops().compressor(cur[:, :, :cD].contiguous(), cur[:, :, cD:].contiguous(), None,
                                           prev_kv.contiguous(), prev_sc.contiguous(), nw, float(norm_eps),
                                           cos.contiguous(), sin.contiguous(), True)
         else:
