@@ -31,6 +31,8 @@ TORCH_NPU = "torch_npu"  # ops in the torch-npu wheel (CANN aclnn kernels)
 CUSTOM = "custom"  # CANN custom-op packages (vllm-ascend _C_ascend, CANN 8.5 custom_ops wheel)
 MINDSPORE = "mindspore"  # MindSpore ops.auto_generate primitives (same aclnn kernels)
 COMPOSED = "composed"  # plain framework ops (matmul, softmax, gather, ...): runs on every SoC and on CPU
+# our Triton-Ascend kernels (ascend/kernels, torch.ops.dsv4): after the vendors' kernels, before compositions
+TRITON = "triton"
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,14 @@ TABLE: dict[str, tuple[Variant, ...]] = {
         Variant(CUSTOM, "npu_hc_pre_v2", socs=(A2, A3),
                 limits={"hc_mult_in": (4,), "hidden_in": (4096, 7168), "mix_in": (24,), "dtype_in": ("bfloat16",)},
                 note="x [T, hc, D] or [B, S, hc, D]; hc_fn [24, hc*D]"),
+        Variant(TRITON, "dsv4.hc_pre", note="ours: ascend/kernels/mhc_pre.py"),
         Variant(COMPOSED, ""),
     ),
     "hc_post": (
         Variant(TORCH_NPU, "npu_mhc_post", socs=(A5,), limits={"dtype_in": ("bfloat16", "float16")}),
         # check_hc_post_shape_and_dtype (torch_binding.cpp:1240): x [b,s,d], residual [b,s,hc,d], post [b,s,hc]
         Variant(CUSTOM, "npu_hc_post", socs=(A2, A3), note="called with b = 1, s = T"),
+        Variant(TRITON, "dsv4.hc_post", note="ours: ascend/kernels/mhc_post.py"),
         Variant(COMPOSED, ""),
     ),
     # the primitives the kernel-granularity ops below compose (every backend's composed path)
@@ -130,6 +134,8 @@ TABLE: dict[str, tuple[Variant, ...]] = {
                         "hidden_multiple_of": 512, "rope_dim_in": (64,), "dtype_in": ("bfloat16", "float16")},
                 note="fused projections + paged float32 state + pooling + RMSNorm + RoPE",
                 source="csrc/attention/compressor/README.md"),
+        Variant(TRITON, "dsv4.compressor", note="ours: matmul projections + paged state, then ascend/kernels/"
+                                                "compressor.py (pooling, RMSNorm, RoPE) over the gathered groups"),
         Variant(COMPOSED, "", note="A2 has no compressor kernel (README): projections, pooling, norm, rope apart"),
     ),
     "compressor_metadata": (
@@ -154,6 +160,9 @@ TABLE: dict[str, tuple[Variant, ...]] = {
         # equals V4's visibility only for one query per sequence (decode)
         Variant(TORCH_NPU, "npu_lightning_indexer", limits={"topk_max": 2048, "q_per_seq_max": 1},
                 note="float keys, decode only (no cmp_ratio argument)"),
+        # ours take float keys (an int8 index cache would change the selection against the float reference)
+        Variant(TRITON, "dsv4.lightning_indexer", limits={"key_dtype_in": ("float32", "bfloat16", "float16")},
+                note="ours: ascend/kernels/indexer_score.py + indexer_topk.py over gathered pages"),
         Variant(COMPOSED, ""),
     ),
     "sparse_attn_sharedkv": (
@@ -167,6 +176,8 @@ TABLE: dict[str, tuple[Variant, ...]] = {
                 note="950: fp8 KV (kv_compress_epilog) with tile_size 64, rope_head_dim 64",
                 source="vllm_ascend/device/device_op.py (A5 operator)"),
         Variant(TORCH_NPU, "npu_fused_infer_attention_score_v2", note="learnable_sink; masks built by the backend"),
+        Variant(TRITON, "dsv4.sparse_attn_sharedkv",
+                note="ours: ascend/kernels/sparse_attention.py over gathered pages"),
         Variant(COMPOSED, ""),
     ),
     "kv_scatter": (

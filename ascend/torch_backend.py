@@ -237,11 +237,12 @@ class TorchBackend(AttentionKernels):
     name = "torch"
 
     def __init__(self, device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
-                 dtype: str = "float32", torch_npu_version: str | None = None):
+                 dtype: str = "float32", torch_npu_version: str | None = None, kernels: str | None = None):
         """device "cpu" runs the stand-ins (soc simulated, default A2; torch_npu_version the schema version
         simulated, default the primary one of ascend/versions.py); "npu" needs a supported torch_npu with a
         visible NPU and detects the SoC and version. providers defaults to torch_npu + composed, plus custom when
-        a custom-op package is installed."""
+        a custom-op package is installed; kernels="triton" (or "triton" in providers) adds our Triton-Ascend
+        kernels (ascend/kernels)."""
         from . import device as devmod
 
         if dtype not in _KERNEL_DTYPES:
@@ -284,8 +285,9 @@ class TorchBackend(AttentionKernels):
         self.custom: Any = real_custom if real_custom is not None else custom_standin
         if providers is None:
             providers = {S.TORCH_NPU, S.COMPOSED} | ({S.CUSTOM} if real_custom is not None else set())
-        self.providers = frozenset(providers)
-        unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED}
+        providers = frozenset(providers)
+        self.providers = providers | _triton_provider("triton" if S.TRITON in providers else kernels, device, self.soc)
+        unknown = self.providers - {S.TORCH_NPU, S.CUSTOM, S.COMPOSED, S.TRITON}
         if unknown:
             raise ValueError(f"the torch backend has no provider {sorted(unknown)}")
         self._chosen: dict[tuple[str, tuple], S.Variant] = {}
@@ -303,6 +305,10 @@ class TorchBackend(AttentionKernels):
         lacks a kernel, or the provider's schema at its version lacks an op or argument the variant needs."""
         if _key(v) not in LOWERINGS.get(op, {}):
             return REASONS.get(_key(v), "kernel missing")
+        if v.provider == S.TRITON:
+            from .kernels import available
+
+            return None if available() else "triton-ascend is not installed (pip install -e .[kernels])"
         mod = self.npu if v.provider == S.TORCH_NPU else self.custom
         missing = [k for k in v.kernel.split("+") if not hasattr(mod, k)]
         if missing:
@@ -823,7 +829,7 @@ class TorchBackend(AttentionKernels):
                                          key_quant_mode, **kw):
         call = {"key_dtype": getattr(self, "_index_keys", self.dtype), "heads": num_heads_q, "head_dim": head_dim,
                 "topk": kw.get("sparse_count", 2048), "ratio": kw.get("cmp_ratio", 1)}
-        if self._vendor("lightning_indexer", call):
+        if self._variant("lightning_indexer", call).provider == S.CUSTOM:  # its metadata op goes with it
             kw = {k: (v.to(torch.int32) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
             return self.custom.npu_vllm_quant_lightning_indexer_metadata(
                 num_heads_q, num_heads_k, head_dim, query_quant_mode, key_quant_mode, device="cpu", **kw)
@@ -858,7 +864,7 @@ class TorchBackend(AttentionKernels):
 
     def sparse_attn_sharedkv_metadata(self, num_heads_q, num_heads_kv, head_dim, **kw):
         call = {"heads": num_heads_q, "topk": kw.get("cmp_topk", 0), "dtype": self.dtype}
-        if self._vendor("sparse_attn_sharedkv", call):
+        if self._variant("sparse_attn_sharedkv", call).provider == S.CUSTOM:  # its metadata op goes with it
             kw = {k: (v.to(torch.int32) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
             return self.custom.npu_sparse_attn_sharedkv_metadata(num_heads_q, num_heads_kv, head_dim, device="cpu",
                                                                  **kw)
@@ -1085,6 +1091,38 @@ def simulated_providers(device: str, soc: str | None, providers: Iterable[str] |
 
 
 def torch_backend(device: str = "cpu", soc: str | None = None, providers: Iterable[str] | None = None,
-                  dtype: str = "float32") -> TorchBackend:
+                  dtype: str = "float32", kernels: str | None = None) -> TorchBackend:
     """Factory used by `ascend.backends.get_backend("torch")`."""
-    return TorchBackend(device=device, soc=soc, providers=providers, dtype=dtype)
+    return TorchBackend(device=device, soc=soc, providers=providers, dtype=dtype, kernels=kernels)
+
+
+# ---- our Triton-Ascend kernels (ascend/kernels): provider "triton" ---------------------------------------------
+def _triton_provider(kernels: str | None, device: str, soc: str) -> frozenset:
+    """{"triton"} when asked for (kernels="triton"; on a CPU the kernels then run under triton's interpreter)."""
+    if kernels in (None, "default"):
+        return frozenset()
+    if kernels != "triton":
+        raise ValueError(f"kernels must be 'default' or 'triton', got {kernels!r}")
+    from .kernels import available, prepare
+
+    if not available():
+        from ops import BackendUnavailable
+
+        raise BackendUnavailable("--kernels triton needs triton-ascend: pip install -e .[kernels] in its own venv "
+                                 "(see README, 'Our kernels')")
+    prepare(interpret=device == "cpu")
+    from .kernels import tiles
+
+    tiles.set_soc(soc)  # the launches take this SoC's tile sizes
+    return frozenset({S.TRITON})
+
+
+def _attach_triton_lowerings() -> None:
+    from .kernels.lowering import LOWERINGS as TRITON_LOWERINGS
+
+    for op, (kernel, fn) in TRITON_LOWERINGS.items():
+        LOWERINGS[op][f"{S.TRITON}:{kernel}"] = f"_{op}_triton"
+        setattr(TorchBackend, f"_{op}_triton", fn)
+
+
+_attach_triton_lowerings()

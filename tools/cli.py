@@ -34,6 +34,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--logits-out", help="save float32 prefill logits of every prompt position to FILE.npy")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="feed the prompts N tokens per sequence per forward call (chunked prefill)")
+    p.add_argument("--kernels", choices=("default", "triton"), default="default",
+                   help="torch backend: also offer our Triton-Ascend kernels (after vendor kernels, before "
+                        "compositions; on a CPU they run under triton's interpreter; needs the kernels extra)")
     p.add_argument("--record-ops", metavar="FILE.npz",
                    help="record every op output of the (first) prompt, for `dsv4 compare --a dump:FILE.npz`")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
@@ -269,12 +272,28 @@ def cmd_serve(args) -> int:
     return run_serve(args)
 
 
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="our Triton-Ascend kernels: SoCs, compile status, on-chip memory use",
+                       description="Compile each kernel to HIVM for A2 / A3 / 950 at the model shape sets (cached) "
+                                   "and report unified-buffer / L0C use. Exit 1 on a compile error or overflow.")
+    p.add_argument("--soc", choices=tuple(soc_table.SOCS), default=None, help="one SoC (default: all three)")
+    p.add_argument("--model", default=None, help="shape set: flash-slice, v4-flash or v4-pro (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_kernels)
+
+
+def cmd_kernels(args) -> int:
+    from tools.kernels_cmd import run_kernels
+
+    return run_kernels(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 on Ascend: CPU reference and tools")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_generate, _add_serve, _add_inspect, _add_compare, _add_convert, _add_doctor, _add_plan,
-                _add_deploy):
+                _add_deploy, _add_kernels):
         add(sub)
     return ap
 

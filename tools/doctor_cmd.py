@@ -53,16 +53,22 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
     if info.torch_version is None:
         report["ops_error"] = "torch is not installed: pip install -e .[torch]"
         return report
-    from ascend.torch_backend import CONTRACT_OPS, LOWERINGS, UNTABLED, TorchBackend, model_calls
+    from ascend.torch_backend import CONTRACT_OPS, LOWERINGS, UNTABLED, TorchBackend, index_call, model_calls
     from common.config import model_config
 
     cfg, _ = model_config(model)
+    from ascend.kernels import available as kernels_available
+
+    # our Triton-Ascend kernels are a provider wherever triton-ascend is installed (the plan is for the NPU),
+    # unless --providers names the providers explicitly
+    kernels = "triton" if providers is None and kernels_available() else None
     if providers is None and soc is not None and not info.has_npu:
         from ascend.torch_backend import simulated_providers
 
         providers = simulated_providers("cpu", soc, None)  # planning a SoC on a CPU: as deployed there
         report["providers_source"] = "simulated deployment (torch_npu + vllm-ascend custom ops); --providers to change"
-    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype)
+    backend = TorchBackend(device="npu" if info.has_npu else "cpu", soc=chosen_soc, providers=providers, dtype=dtype,
+                           kernels=kernels)
     report["providers"] = sorted(backend.providers)
     report["torch_npu_schemas"] = backend.torch_npu_version
     report["moe_comm"] = {"ep": ep, "tokens_per_rank": tokens_per_rank, "hidden": cfg.dim,
@@ -75,6 +81,8 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
             "variants": [{k: r[k] for k in ("variant", "status", "reason")} for r in rows
                          if r["variant"].split(":")[0] in provs]}
     calls = model_calls(cfg, dtype)
+    # the index cache holds int8 keys only where the int8 indexer kernel is the variant (as the model asks)
+    calls["lightning_indexer"] = index_call(cfg, dtype, backend.index_key_dtype(cfg))
     plan = backend.plan(calls)
     for op, table_ops in CONTRACT_OPS.items():
         entry: dict[str, Any] = {}
@@ -87,7 +95,17 @@ def doctor_report(soc: str | None = None, model: str = "v4-flash", dtype: str = 
                 entry[t] = {"chosen": UNTABLED[t], "call": {}, "variants": [],
                             "note": "no SoC-table entry: plain torch ops on every SoC"}
         report["ops"][op] = entry
+    # the primitives the kernel-granularity attention ops compose: reached only where such an op is composed
+    for prim, users in PRIMITIVE_OF.items():
+        composed_users = [u for u in users if (report["ops"][u][u]["chosen"] or "").startswith("composed")]
+        report["ops"][prim][prim]["note"] = (f"inside the composed {', '.join(composed_users)}" if composed_users
+                                             else f"not reached: {', '.join(users)} runs a kernel")
     return report
+
+
+# contract primitive -> the kernel-granularity ops whose composed path calls it (ops/attention_kernels.py)
+PRIMITIVE_OF = {"compress": ("compressor",), "indexer_topk": ("lightning_indexer",),
+                "sparse_attention": ("sparse_attn_sharedkv",)}
 
 
 def _dist_version(package: str | None) -> str | None:
@@ -137,7 +155,8 @@ def _text(r: dict[str, Any]) -> str:
     for op, entry in r["ops"].items():
         for t, e in entry.items():
             label = op if t == op else f"{op} [{t}]"
-            lines.append(f"{label:<34} -> {e['chosen']}")
+            prim = f" ({e['note']})" if t in PRIMITIVE_OF else ""
+            lines.append(f"{label:<34} -> {e['chosen']}{prim}")
             for v in e["variants"]:
                 if v["status"] == "skipped" and v["reason"] != "a preferred variant was chosen":
                     lines.append(f"{'':<38}skipped {v['variant']}: {v['reason']}")

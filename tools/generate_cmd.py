@@ -183,6 +183,8 @@ def run_generate_distributed(args) -> int:
 
     params = sampling_params(args)
     torchrun, world = launch_world(args)
+    if getattr(args, "kernels", None) == "triton":
+        raise CliError("--kernels triton runs on one rank only (drop --nproc / torchrun)", EXIT_USAGE)
     err = device_error(args.backend, args.device)
     if err:
         raise CliError(err)
@@ -266,12 +268,16 @@ def run_generate(args) -> int:
     chunk = getattr(args, "prefill_chunk", None)
     if chunk is not None and chunk < 1:
         raise CliError(f"--prefill-chunk must be >= 1, got {chunk}", EXIT_USAGE)
+    kernels = getattr(args, "kernels", None)
+    if kernels == "triton" and args.backend != "torch":
+        raise CliError("--kernels triton: our kernels run on the torch backend (--backend torch)", EXIT_USAGE)
     dtype = resolve_dtype(args)
     from ascend.backends import get_backend
 
     try:
         # the torch backend runs the Ascend lowering: on the NPU, or on the CPU through the stand-in
-        opts = {"dtype": dtype, "providers": _providers(args)} if args.backend == "torch" else {}
+        opts = ({"dtype": dtype, "providers": _providers(args), "kernels": kernels}
+                if args.backend == "torch" else {})
         backend = get_backend(args.backend, device=args.device, soc=args.soc, **opts)
     except BackendUnavailable as e:
         raise CliError(str(e)) from None
