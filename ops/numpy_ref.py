@@ -131,7 +131,7 @@ class NumpyBackend(AttentionKernels):
         T, n, d = x.shape
         xf = x.reshape(T, n * d)
         r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
-        return _x_wt(xf, fn) * r
+        return (xf @ fn.T) * r
 
     def hc_pre(self, x, fn, scale, base, iters, hc_eps, norm_eps):
         T, n, _ = x.shape
