@@ -375,3 +375,138 @@ def npu_scatter_nd_update_v2(var: torch.Tensor, indices: torch.Tensor, update: t
     ok = indices[:, 0] >= 0
     idx = indices[ok].to(torch.int64)
     var[tuple(idx[:, i] for i in range(k))] = update[ok].reshape((int(ok.sum()),) + tuple(var.shape[k:]))
+
+
+# ---- 950 compress epilogs: fp8 quantise + scatter ---------------------------------------------------------------
+# Host checks: the binding's TORCH_CHECKs (kv_compress_epilog only; indexer_compress_epilog_v2's binding at
+# BINDING:1703-1711 checks nothing) and the A5 tiling's refusals (TILING_KV / TILING_IDX / DEF_IDX lines).
+TILING_KV = "vllm-ascend@182b75e csrc/attention/kv_compress_epilog/op_host/kv_compress_epilog_tiling_arch35.cpp:{}"
+TILING_IDX = ("vllm-ascend@182b75e csrc/attention/indexer_compress_epilog_v2/op_host/"
+              "indexer_compress_epilog_v2_tiling.cpp:{}")
+DEF_IDX = "vllm-ascend@182b75e csrc/attention/indexer_compress_epilog_v2/op_host/indexer_compress_epilog_v2_def.cpp:{}"
+GOLDEN_KV = "cann-recipes-infer@fbc225d ops/ascendc/examples/test_npu_kv_compress_epilog.py"
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+_INV_E4M3 = torch.tensor([0x3B124925], dtype=torch.int32).view(F32)  # indexer base.h:38: float32(1/448)
+
+
+def _cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    check(cache.is_contiguous(), "cache must be contiguous: it is written through its byte view", "stand-in")
+    return cache.view(torch.uint8).reshape(-1)
+
+
+def _kv_mx(v: torch.Tensor, dt: torch.dtype, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [T, C] float32 -> fp8 bytes [T, C], e8m0 bytes [T, C/64]; scale from the exponent bits."""
+    t, c = v.shape
+    g = v.reshape(t, c // 64, 64)
+    scale = g.abs().amax(-1).clamp_min(1e-4) * torch.tensor(1.0 / _FP8_MAX[dt], dtype=F32)
+    bits = scale.view(torch.int32)
+    exp = (bits >> 23) & 0xFF
+    if round_scale:  # round up to a power of two: exponent + 1 when any mantissa bit is set
+        exp = exp + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        scale = (exp << 23).view(F32)
+    y = (g / scale[..., None]).clamp(-_FP8_MAX[dt], _FP8_MAX[dt]).to(dt)
+    return y.view(torch.uint8).reshape(t, c), exp.to(torch.uint8)
+
+
+def _kv_group(v: torch.Tensor, dt: torch.dtype, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [T, C] float32 -> fp8 bytes [T, C], float32 scale bytes [T, 4 * groups]; zero group: scale inf."""
+    t, c = v.shape
+    n = -(-c // group)
+    g = torch.nn.functional.pad(v, (0, n * group - c)).reshape(t, n, group)
+    amax = torch.nan_to_num(g, nan=0.0).abs().amax(-1)
+    scale = torch.where(amax == 0, torch.full_like(amax, float("inf")), amax / _FP8_MAX[dt])
+    y = torch.nan_to_num(g / scale[..., None], nan=0.0).reshape(t, n * group)[:, :c]
+    return y.to(dt).view(torch.uint8), scale.contiguous().view(torch.uint8).reshape(t, 4 * n)
+
+
+@LIB.impl("kv_compress_epilog")
+def kv_compress_epilog(kv_compress_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
+                       quant_group_size: int, quant_mode: int, round_scale_flag: bool, layout: int) -> None:
+    """x [T, D] bf16 -> one layout-1 row per slot of the fp8 cache: mode 2 [rope bf16 | fp8 | e8m0 per 64],
+    mode 1 [fp8 | rope bf16 | float32 per 128]; zero-padded to a multiple of 128 bytes; slots < 0 skipped."""
+    check(x.dim() == 2, f"x must be 2D tensor, but got dimensions: {x.dim()}", _b(1443))
+    check(x.shape[0] > 0 and x.shape[1] > 0, f"x dimensions must be positive, but got: {list(x.shape)}", _b(1444))
+    check(slot_mapping.dim() == 1, f"slot_mapping must be 1D tensor, but got dimensions: {slot_mapping.dim()}",
+          _b(1446))
+    check(slot_mapping.shape[0] == x.shape[0], "slot_mapping size must equal x's first dimension", _b(1448))
+    if kv_compress_cache.dim() == 4:
+        check(kv_compress_cache.shape[2] == 1, "kv_compress_cache 4D tensor requires headnum (dim 2) == 1",
+              _b(1452))
+    check(x.dtype == torch.bfloat16, f"x must be BF16, but got {x.dtype}", _b(1456))
+    check(slot_mapping.dtype in (torch.int32, torch.int64), "slot_mapping must be INT32 or INT64", _b(1457))
+    check(kv_compress_cache.dtype in _FP8_MAX, f"kv_compress_cache must be FP8_E5M2 or FP8_E4M3, but got "
+          f"{kv_compress_cache.dtype}", _b(1459))
+    if quant_mode == 2:
+        check(quant_group_size in (64, 128), f"MXFP8 quant_group_size must be 64 or 128, got {quant_group_size}",
+              TILING_KV.format(199))
+    # not modelled (the golden defines no bytes for them): say so rather than guess
+    check(layout == 1, f"layout {layout} not modelled: vllm-ascend calls layout=1 (device_op.py:1480)", "stand-in")
+    check(quant_mode in (1, 2), f"quant_mode {quant_mode} not modelled (3 = hifloat8)", "stand-in")
+    check(quant_mode == 1 or quant_group_size == 64, "MXFP8 groups of 128 not modelled", GOLDEN_KV)
+    check(quant_mode == 2 or quant_group_size == 128, "group fp8 modelled for quant_group_size 128 only",
+          TILING_KV.format(204))
+    cache = kv_compress_cache.squeeze(2) if kv_compress_cache.dim() == 4 else kv_compress_cache
+    stride = cache.stride(0)  # BINDING:1480: the row (block) stride the kernel addresses slots with
+    D, dt = x.shape[1], kv_compress_cache.dtype
+    qc = D - 64
+    check(qc > 0 and (quant_mode == 1 or qc % 64 == 0), f"head dim {D}: D - 64 must be > 0 (x64 for MXFP8)",
+          "stand-in")
+    scale_bytes = -(-qc // 64) if quant_mode == 2 else 4 * -(-qc // 128)
+    row_w = -(-(qc + 128 + scale_bytes) // 128) * 128
+    check(stride >= row_w, f"block_stride ({stride}) must be >= layout=1 row width ({row_w})", TILING_KV.format(253))
+    flat = _cache_bytes(kv_compress_cache)
+    keep = slot_mapping >= 0
+    if not bool(keep.any()):
+        return
+    slots = slot_mapping[keep].to(torch.int64)
+    check(int(slots.max()) * stride + row_w <= flat.numel(), f"slot {int(slots.max())} outside the cache "
+          "(the kernel does not check)", "stand-in")
+    xs = x[keep]
+    rope = xs[:, qc:].contiguous().view(torch.uint8)
+    if quant_mode == 2:
+        y, s = _kv_mx(xs[:, :qc].to(F32), dt, bool(round_scale_flag))
+        row = torch.cat([rope, y, s], dim=1)
+    else:
+        y, s = _kv_group(xs[:, :qc].to(F32), dt, quant_group_size)
+        row = torch.cat([y, rope, s], dim=1)
+    row = torch.nn.functional.pad(row, (0, row_w - row.shape[1]))
+    flat[(slots * stride)[:, None] + torch.arange(row_w)] = row
+
+
+@LIB.impl("indexer_compress_epilog_v2")
+def indexer_compress_epilog_v2(indexer_compress_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
+                               layout: int = 2) -> None:
+    """x [..., d] fp16/bf16 -> fp8 e4m3fn + float32 scale per 128 columns into the uint8 paged cache
+    [blocks, bs, 1, W]: per block, bs value rows of d bytes, then bs scale rows (single_row.h:83-87)."""
+    check(indexer_compress_cache.dtype == torch.uint8, "indexer_compress_cache must be UINT8", DEF_IDX.format(24))
+    check(x.dtype in (torch.float16, torch.bfloat16), f"x must be FLOAT16 or BF16, got {x.dtype}", DEF_IDX.format(30))
+    check(slot_mapping.dtype == torch.int32, f"slot_mapping must be INT32, got {slot_mapping.dtype}",
+          DEF_IDX.format(35))
+    check(indexer_compress_cache.dim() == 4, "the dim of indexer_compress_cache only support 4", TILING_IDX.format(100))
+    check(indexer_compress_cache.shape[2] == 1, "the third dim of indexer_compress_cache must be 1",
+          TILING_IDX.format(105))
+    check(layout == 2, "layout only support 2", TILING_IDX.format(139))
+    d, bs, stride = x.shape[-1], indexer_compress_cache.shape[1], indexer_compress_cache.stride(0)
+    n = slot_mapping.numel()
+    check(x.numel() == n * d, f"x holds {x.numel() // max(d, 1)} rows of {d} but slot_mapping {n} "
+          "(the kernel reads one x row per slot without checking)", "stand-in")
+    nblk = -(-d // 128)
+    check(bs * (d + 4 * nblk) <= stride, f"a block of {stride} bytes cannot hold {bs} x ({d} values + {4 * nblk} "
+          "scale bytes) (the kernel does not check)", "stand-in")
+    flat = _cache_bytes(indexer_compress_cache)
+    keep = slot_mapping.reshape(-1) >= 0
+    if not bool(keep.any()):
+        return
+    slots = slot_mapping.reshape(-1)[keep].to(torch.int64)
+    check(int(slots.max()) // bs < indexer_compress_cache.shape[0], f"slot {int(slots.max())} outside the cache",
+          "stand-in")
+    g = torch.nn.functional.pad(x.reshape(n, d)[keep].to(F32), (0, nblk * 128 - d)).reshape(-1, nblk, 128)
+    fin = torch.isfinite(g)
+    scale = torch.where(fin, g.abs(), torch.zeros_like(g)).amax(-1) * _INV_E4M3  # base.h:190-206
+    q = g / scale[..., None]
+    q = torch.where(torch.isfinite(q), q, g).clamp(-448.0, 448.0)  # base.h:209-212: non-finite keeps x
+    y = q.reshape(-1, nblk * 128)[:, :d].to(torch.float8_e4m3fn).view(torch.uint8)
+    blk, off = slots // bs, slots % bs
+    flat[(blk * stride + off * d)[:, None] + torch.arange(d)] = y
+    flat[(blk * stride + bs * d + off * 4 * nblk)[:, None] + torch.arange(4 * nblk)] = \
+        scale.contiguous().view(torch.uint8).reshape(-1, 4 * nblk)

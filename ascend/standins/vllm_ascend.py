@@ -189,6 +189,8 @@ FUNCTIONS = tuple(sorted(LIB.schemas))
 from .v4_attention import (  # noqa: E402, F401
     compressor,
     compressor_metadata,
+    indexer_compress_epilog_v2,
+    kv_compress_epilog,
     npu_scatter_nd_update_v2,
     npu_sparse_attn_sharedkv,
     npu_sparse_attn_sharedkv_metadata,
