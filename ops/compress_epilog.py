@@ -165,7 +165,9 @@ def kv_compress_decode(kv_compress_cache: np.ndarray, slots: Any, head_dim: int,
         q, rope = rows[:, :qc], rows[:, qc:qc + rb]
         s = np.ascontiguousarray(rows[:, qc + rb:qc + rb + 4 * lay["scale_col"]]).view("<f4")
         sc = np.repeat(s, quant_group_size, axis=1)[:, :qc]
-    nope = q.view(dt).astype(F32) * sc
+    qf = q.view(dt).astype(F32)
+    with np.errstate(invalid="ignore"):  # an all-zero group of group fp8 has an infinite scale
+        nope = np.where(qf == 0, F32(0), qf * sc)
     return np.concatenate([nope, np.ascontiguousarray(rope).view(BF16).astype(F32)], axis=1)
 
 
