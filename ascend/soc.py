@@ -183,7 +183,11 @@ TABLE: dict[str, tuple[Variant, ...]] = {
     "kv_scatter": (
         Variant(CUSTOM, "npu_scatter_nd_update_v2", socs=(A2, A3), note="(block, offset) slot mapping",
                 source="vllm_ascend/device/device_op.py dsa_kv_compress_scatter"),
-        Variant(CUSTOM, "kv_compress_epilog", socs=(A5,), note="950: fp8 quantize + scatter of compressed KV"),
+        Variant(CUSTOM, "kv_compress_epilog", socs=(A5,), note="950: fp8 quantize + scatter of compressed KV",
+                source="csrc/torch_binding.cpp:1437-1482"),
+        Variant(CUSTOM, "indexer_compress_epilog_v2", socs=(A5,),
+                note="950: fp8 e4m3 + float32 scale quantize + scatter of indexer keys",
+                source="csrc/torch_binding.cpp:1703-1711"),
         Variant(COMPOSED, ""),
     ),
     "moe_gate": (

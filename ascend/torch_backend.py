@@ -83,9 +83,17 @@ REASONS = {
                               "applied transposed (V4 uses comb^T) cannot be pinned",
     "torch_npu:npu_lightning_indexer": "not lowered: no cmp_ratio argument (decode only); the int8 _C_ascend "
                                        "kernel covers prefill and decode",
-    "custom:npu_kv_quant_sparse_attn_sharedkv": "not lowered: its fp8 KV cache layout (kv_compress_epilog, "
-                                                "tile_size 64) is not modelled yet; an own kernel's job",
-    "custom:kv_compress_epilog": "not lowered: fp8 compressed-KV layout not modelled yet",
+    "custom:npu_kv_quant_sparse_attn_sharedkv": "not lowered: the fp8 KV rows it reads have a golden "
+                                                "(ops/compress_epilog.py) but the kernel itself (in-kernel "
+                                                "dequant, tile_size 64) has neither golden nor stand-in yet",
+    # goldens + stand-ins exist (ops/compress_epilog.py, ascend/standins/v4_attention.py); what is missing is a reader
+    "custom:kv_compress_epilog": "not lowered: its fp8 rows (rope bf16 | e4m3 | e8m0 per 64, 640 B for D 512) are "
+                                 "read only by npu_kv_quant_sparse_attn_sharedkv, which is not lowered; the paged "
+                                 "caches hold act-dtype entries, so it would replace no scatter",
+    "custom:indexer_compress_epilog_v2": "not lowered: its uint8 pages (e4m3 keys then float32 scales per block) "
+                                         "are read only by the 950 fp8-key npu_vllm_quant_lightning_indexer, which "
+                                         "is never selected: the paged cache's index keys are int8 + scale or "
+                                         "float (index_key_dtype)",
     "torch_npu:npu_fused_infer_attention_score_v2": "not lowered yet: mask / sink layout of FIA v2 not pinned",
     "torch_npu:npu_top_k_top_p": "not lowered: sampling stays on the host numpy Generator for reproducibility",
 }

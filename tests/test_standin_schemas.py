@@ -120,6 +120,21 @@ REJECTED = {
         (lambda: [torch.zeros(2, 8), 2, None, None, None, 1, 1, 1.0, 1e-20, 0, 1], "renorm"),
         (lambda: [torch.zeros(2, 8), 2, None, None, None, 1, 1, 1.0, 1e-20, 0, 0, 3], "norm_type"),
     ],
+    # the 950 compress epilogs (more cases, and the NumPy golden's refusals, in tests/test_compress_epilog.py)
+    "vllm_ascend.kv_compress_epilog": [
+        (lambda: [torch.zeros(8, 1, 640, dtype=torch.float8_e4m3fn), torch.zeros(4, 512), torch.arange(4), 64, 2,
+                  True, 1], "x must be BF16"),  # torch_binding.cpp:1456
+        (lambda: [torch.zeros(8, 1, 640, dtype=BF), torch.zeros(4, 512, dtype=BF), torch.arange(4), 64, 2, True, 1],
+         "FP8_E5M2 or FP8_E4M3"),  # torch_binding.cpp:1459
+        (lambda: [torch.zeros(8, 1, 640, dtype=torch.float8_e4m3fn), torch.zeros(4, 512, dtype=BF),
+                  torch.arange(3), 64, 2, True, 1], "slot_mapping size"),  # torch_binding.cpp:1448
+    ],
+    "vllm_ascend.indexer_compress_epilog_v2": [
+        (lambda: [torch.zeros(8, 1, 132, dtype=torch.uint8), torch.zeros(3, 128, dtype=torch.float16),
+                  torch.arange(3, dtype=torch.int32)], "only support 4"),  # tiling.cpp:100
+        (lambda: [torch.zeros(2, 4, 1, 132, dtype=torch.uint8), torch.zeros(3, 128, dtype=torch.float16),
+                  torch.arange(3, dtype=torch.int32), 1], "layout only support 2"),  # tiling.cpp:139
+    ],
     "cann_recipes.npu_hc_post": [
         (lambda: [t[0, 0] if i else t[0, 0] for i, t in enumerate(_hc_post_ok())], "dim num"),
         (lambda: [t[0] for t in _hc_post_ok(d=512)], "4096 or 7168"),

@@ -267,4 +267,7 @@ def test_doctor_names_the_attention_kernel_per_soc(soc):
         assert why["custom:compressor"] == "not on A2"
     if soc == "950":
         why = {v["variant"]: v["reason"] for v in ops["sparse_attn_sharedkv"]["sparse_attn_sharedkv"]["variants"]}
-        assert "fp8 KV cache layout" in why["custom:npu_kv_quant_sparse_attn_sharedkv"]
+        assert "fp8 KV rows" in why["custom:npu_kv_quant_sparse_attn_sharedkv"]
+        scat = {v["variant"]: v["reason"] for v in ops["scatter_update"]["kv_scatter"]["variants"]}
+        assert "read only by npu_kv_quant_sparse_attn_sharedkv" in scat["custom:kv_compress_epilog"]
+        assert "fp8-key npu_vllm_quant_lightning_indexer" in scat["custom:indexer_compress_epilog_v2"]
