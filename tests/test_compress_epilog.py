@@ -90,24 +90,34 @@ def cann_kv_compare(golden: np.ndarray, actual: np.ndarray, slots: np.ndarray, d
     return match / total, float(np.mean(cos))
 
 
-def cann_indexer_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """dynamic_block_quant with the e4m3fn maximum: fp8 bytes [T, d], float32 scales [T, ceil(d/128)]."""
+def cann_indexer_quant(x: np.ndarray, dt: str = "float8_e4m3fn", mx: bool = False,
+                       round_scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """dynamic_block_quant (mx False: float32 scales [T, ceil(d/128)]) or act_quant (mx True: e8m0 scale bytes,
+    scale rounded up to a power of two by fast_round_scale); fp8 bytes [T, d]."""
     t, d = x.shape
-    xc = np.where(np.isfinite(x), x, 0).astype(np.float32)
+    fin = np.isfinite(x)
+    xc = np.where(fin, x, 0).astype(np.float32)
     nb = math.ceil(d / 128)
     pad = np.zeros((t, nb * 128), np.float32)
     pad[:, :d] = np.abs(xc)
-    scale = (pad.reshape(t, nb, 128).max(-1).astype(np.float32) / np.float32(448.0)).astype(np.float32)
+    scale = (pad.reshape(t, nb, 128).max(-1).astype(np.float32) / FMAX[dt]).astype(np.float32)
+    if mx and round_scale:
+        for i, v in np.ndenumerate(scale):  # fast_log2_ceil + fast_pow2
+            u = int(np.array([v], np.float32).view(np.uint32)[0])
+            e = ((u >> 23) & 0xFF) - 127 + (1 if u & 0x7FFFFF else 0)
+            scale[i] = np.array([(e + 127) << 23], np.int32).view(np.float32)[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         out = xc / np.repeat(scale, 128, axis=1)[:, :d]
-    out = np.nan_to_num(np.clip(out, -448.0, 448.0), nan=0.0)
-    return np.round(out, 8).astype(E.E4M3).view(np.uint8), scale
+    out[~fin] = x[~fin]
+    out = np.nan_to_num(np.clip(out, -FMAX[dt], FMAX[dt]), nan=0.0)
+    y = np.round(out, 8).astype(N8[dt]).view(np.uint8)
+    return y, ((scale.view(np.uint32) >> 23).astype(np.uint8) if mx else scale)
 
 
-def cann_requantize_ok(golden: np.ndarray, actual: np.ndarray) -> bool:
+def cann_requantize_ok(golden: np.ndarray, actual: np.ndarray, dt: str = "float8_e4m3fn") -> bool:
     """requantize_compare: |int8(golden) - int8(actual)| > 1 (both-NaN excluded) on at most 0.1%."""
     gi, ai = golden.view(np.int8).astype(np.int32).ravel(), actual.view(np.int8).astype(np.int32).ravel()
-    gf, af = golden.view(E.E4M3).astype(np.float32).ravel(), actual.view(E.E4M3).astype(np.float32).ravel()
+    gf, af = golden.view(N8[dt]).astype(np.float32).ravel(), actual.view(N8[dt]).astype(np.float32).ravel()
     bad = (np.abs(gi - ai) > 1) & ~(np.isnan(gf) & np.isnan(af))
     return bad.sum() / gi.size <= 0.001
 
@@ -339,3 +349,47 @@ def test_the_calls_bind_to_the_kept_schemas():
     assert schema.binds("vllm_ascend", "indexer_compress_epilog_v2", (), idx) is None  # layout=2 default
     with pytest.raises(RuntimeError):
         V.kv_compress_epilog(**_kv_ok(quant_scale=1))
+
+
+# ---- cann-recipes' own bindings of the same kernels (custom.kv_compress_epilog / indexer_compress_epilog) ------
+@pytest.mark.parametrize("mode,group,dt", [(1, 128, "float8_e5m2"), (2, 64, "float8_e4m3fn")])
+def test_cann_kv_compress_epilog_call_form(mode, group, dt):
+    """The call of run_layout1_case: keyword quant arguments, no layout."""
+    from ascend.standins import cann_recipes as cr
+
+    x, slots = _kv_inputs(11, 64, 512, "shuffled")
+    gold = cann_kv_layout1(x, slots, mode, group, dt)
+    cache = torch.zeros(gold.shape, dtype=T8[dt])
+    xt = torch.from_numpy(np.ascontiguousarray(x).view(np.uint16).astype(np.int16)).view(BF)
+    cr.kv_compress_epilog(cache, xt, torch.from_numpy(slots).to(torch.int32), quant_group_size=group,
+                          quant_mode=mode, round_scale_flag=True)
+    match, cos = cann_kv_compare(gold, cache.view(torch.uint8).numpy(), slots, 512, mode, group, dt)
+    assert match >= 0.99 and cos >= 0.999 and match == 1.0
+    with pytest.raises(RuntimeError, match="hifloat8"):
+        cr.kv_compress_epilog(cache, xt, torch.from_numpy(slots), quant_mode=3, scale=0.5)
+
+
+@pytest.mark.parametrize("quant_mode,dt", [(1, "float8_e5m2"), (1, "float8_e4m3fn"), (0, "float8_e5m2"),
+                                           (0, "float8_e4m3fn")])
+def test_cann_indexer_compress_epilog_meets_its_golden(quant_mode, dt):
+    """test_indexer_compress_epilog_normal_quant (mode 1) / _mx_fp8_quant (mode 0), smaller: shuffled slots into
+    a pre-filled cache, fp16 x ~ U(-2, 2), d 4096; criteria requantize_compare + allclose(scale, 1e-5)."""
+    from ascend.standins import cann_recipes as cr
+
+    rng = np.random.default_rng(42 + quant_mode)
+    n, d = 256, 4096
+    x = rng.uniform(-2, 2, (n, d)).astype(np.float16)
+    x[5, :128] = 0  # a zero block
+    slots = rng.permutation(n).astype(np.int32)
+    cache = torch.from_numpy(rng.uniform(-2, 2, (n, d)).astype(np.float32)).to(T8[dt])
+    sdt = torch.float32 if quant_mode == 1 else torch.float8_e8m0fnu
+    scale = torch.zeros(n, d // 128, dtype=sdt)
+    gy, gs = cann_indexer_quant(x.astype(np.float32), dt, mx=quant_mode == 0)
+    want = cache.view(torch.uint8).numpy().copy()
+    want[slots] = gy
+    cr.indexer_compress_epilog(cache, scale, torch.from_numpy(x), torch.from_numpy(slots), quant_mode=quant_mode,
+                               round_scale=True)
+    assert cann_requantize_ok(want, cache.view(torch.uint8).numpy(), dt)
+    got_s = scale.numpy() if quant_mode == 1 else scale.view(torch.uint8).numpy()
+    assert np.allclose(gs, got_s[slots], rtol=1e-5, atol=1e-5, equal_nan=True)
+    np.testing.assert_array_equal(cache.view(torch.uint8).numpy(), want)  # measured: byte for byte

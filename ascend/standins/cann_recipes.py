@@ -142,3 +142,61 @@ def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias: torch.Tensor | None =
 
 
 FUNCTIONS = tuple(sorted(LIB.schemas))
+
+
+# ---- the compress epilogs in cann's binding (keyword arguments, no layout; hifloat8 not modelled) --------------
+@LIB.impl("kv_compress_epilog")
+def kv_compress_epilog(kv_compress_cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+                       quant_group_size: int = 64, quant_mode: int = 2, round_scale_flag: bool = True,
+                       scale: float = 1.0) -> None:
+    """The same aclnnKvCompressEpilog as vllm-ascend's (layout 1 rows; ascend/standins/v4_attention.py)."""
+    check(x.dim() == 2, f"x must be 2D tensor, but got dimensions: {x.dim()}", _c("npu_kv_compress_epilog", 25))
+    check(x.dtype == torch.bfloat16, f"x must be BF16, but got {x.dtype}", _c("npu_kv_compress_epilog", 43))
+    check(kv_compress_cache.dtype in (torch.float8_e5m2, torch.float8_e4m3fn, torch.uint8),
+          f"kv_compress_cache must be FP8_E5M2, FP8_E4M3 or HIFLOAT8, but got {kv_compress_cache.dtype}",
+          _c("npu_kv_compress_epilog", 47))
+    check(quant_mode != 3 and kv_compress_cache.dtype != torch.uint8,
+          "hifloat8 (quant_mode 3, scale) not modelled", "stand-in")
+    from .v4_attention import kv_compress_epilog as vllm_kv  # same kernel, vllm-ascend's binding checks
+
+    vllm_kv(kv_compress_cache, x, slot_mapping, quant_group_size, quant_mode, round_scale_flag, 1)
+
+
+@LIB.impl("indexer_compress_epilog")
+def indexer_compress_epilog(indexer_compress_cache: torch.Tensor, indexer_compress_scale: torch.Tensor,
+                            x: torch.Tensor, slot_mapping: torch.Tensor, *, quant_mode: int = 1,
+                            round_scale: bool = True, scale: float = 1.0) -> None:
+    """Rows of x [T, d] into cache[slot] (fp8) and scale[slot] per 128 columns: quant_mode 1 float32 scale =
+    amax / fp8 max; quant_mode 0 MX, e8m0 scale rounded up to a power of two (cann-recipes-infer@fbc225d
+    ops/ascendc/examples/test_npu_indexer_compress_epilog.py dynamic_block_quant / act_quant). The binding
+    (npu_indexer_compress_epilog.cpp:18-30) checks nothing; the checks here only keep the writes in bounds."""
+    fmax = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}.get(indexer_compress_cache.dtype)
+    check(fmax is not None and quant_mode in (0, 1), "quant_mode 2 / hifloat8 not modelled; cache must be fp8",
+          "stand-in")
+    t, d = slot_mapping.numel(), x.shape[-1]
+    nb = -(-d // 128)
+    check(x.numel() == t * d and indexer_compress_cache.shape[-1] == d
+          and indexer_compress_scale.shape[-1] == nb, f"x [T, d], cache [N, d], scale [N, {nb}] expected", "stand-in")
+    check(indexer_compress_scale.dtype == (F32 if quant_mode == 1 else torch.float8_e8m0fnu),
+          "scale must be float32 (quant_mode 1) or float8_e8m0fnu (quant_mode 0)", "stand-in")
+    keep = slot_mapping.reshape(-1) >= 0
+    slots = slot_mapping.reshape(-1)[keep].to(torch.int64)
+    if slots.numel() == 0:
+        return
+    check(int(slots.max()) < indexer_compress_cache.shape[0], "slot outside the cache", "stand-in")
+    g = torch.nn.functional.pad(x.reshape(t, d)[keep].to(F32), (0, nb * 128 - d)).reshape(-1, nb, 128)
+    fin = torch.isfinite(g)
+    s = torch.where(fin, g.abs(), torch.zeros_like(g)).amax(-1) / fmax
+    bits = s.view(torch.int32)
+    if quant_mode == 0:
+        exp = (bits >> 23) & 0xFF
+        if round_scale:  # 2**ceil(log2(scale)); a zero scale stays zero
+            exp = exp + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+            s = (exp << 23).view(F32)
+    q = torch.where(fin, g / s[..., None], g).clamp(-fmax, fmax)
+    q = torch.nan_to_num(q, nan=0.0).reshape(-1, nb * 128)[:, :d]
+    indexer_compress_cache[slots] = q.to(indexer_compress_cache.dtype)
+    if quant_mode == 1:
+        indexer_compress_scale[slots] = s
+    else:
+        indexer_compress_scale.view(torch.uint8)[slots] = exp.to(torch.uint8)
