@@ -393,3 +393,21 @@ def test_cann_indexer_compress_epilog_meets_its_golden(quant_mode, dt):
     got_s = scale.numpy() if quant_mode == 1 else scale.view(torch.uint8).numpy()
     assert np.allclose(gs, got_s[slots], rtol=1e-5, atol=1e-5, equal_nan=True)
     np.testing.assert_array_equal(cache.view(torch.uint8).numpy(), want)  # measured: byte for byte
+
+
+def test_the_criteria_have_teeth():
+    """Unrounded MX scales, the group-fp8 row order, or e5m2 for the v2 indexer's e4m3: each fails the criteria."""
+    x, slots = _kv_inputs(1, 64, 512, "seq")
+    gold = cann_kv_layout1(x, slots, 2, 64, "float8_e4m3fn")
+    cache = np.zeros((gold.shape[0], 1, 640), E.E4M3)
+    E.kv_compress_epilog(cache, x, slots, 64, 2, False, 1)
+    match, cos = cann_kv_compare(gold, cache.reshape(-1, 640).view(np.uint8), slots, 512, 2, 64, "float8_e4m3fn")
+    assert not (match >= 0.99 and cos >= 0.999)
+    other = cann_kv_layout1(x, slots, 1, 128, "float8_e4m3fn")
+    match, cos = cann_kv_compare(gold, other, slots, 512, 2, 64, "float8_e4m3fn")
+    assert not (match >= 0.99 and cos >= 0.999)
+    xi, sl, shape = _idx_case(3, 64, 128, np.float16)
+    ok = sl >= 0
+    y, s = E.indexer_compress_read(_run_idx("golden", xi, sl, shape), sl[ok], 128)
+    gy, gs = cann_indexer_quant(xi.astype(np.float32)[ok], "float8_e5m2")
+    assert not cann_requantize_ok(gy, y) and not np.allclose(gs, s, rtol=1e-5, atol=1e-5)
