@@ -307,23 +307,13 @@ class AttentionKernels:
                 cmp_topk, cmp_ratio, ori_win_left, int(has_ori_kv), int(has_cmp_kv)]
         return self._metadata(head)
 
-    def sparse_attn_sharedkv(self, q: Any, *, ori_kv: Any = None, cmp_kv: Any = None, ori_sparse_indices: Any = None,
-                             cmp_sparse_indices: Any = None, ori_block_table: Any = None, cmp_block_table: Any = None,
-                             cu_seqlens_q: Any = None, cu_seqlens_ori_kv: Any = None, cu_seqlens_cmp_kv: Any = None,
-                             seqused_q: Any = None, seqused_kv: Any = None, sinks: Any = None, metadata: Any = None,
-                             softmax_scale: float = 0.0, cmp_ratio: int = 0, ori_mask_mode: int = 4,
-                             cmp_mask_mode: int = 3, ori_win_left: int = 128, ori_win_right: int = 0,
-                             layout_q: str = "BSND", layout_kv: str = "PA_ND",
-                             return_softmax_lse: bool = False) -> tuple[Any, Any]:
-        """npu_sparse_attn_sharedkv: shared-KV MQA (one KV head, K = V) with sinks. Query row t of request b sits
-        at position p = seqused_kv[b] - n_b + i (right-aligned). Keys: the raw entries of ori_kv at positions
-        [p - ori_win_left, p] (ori_mask_mode 4, sliding window), plus the compressed entries of cmp_kv with
-        (j + 1) * cmp_ratio <= p + 1 (cmp_mask_mode 3), only those in cmp_sparse_indices [T, 1, K] when given
-        (-1 = none). softmax(q k^T * softmax_scale) with the per-head sink in the denominator only.
-        Caches PA_ND [blocks, block_size, 1, D] with block tables [B, n]; TND q [T, N, D] with cu_seqlens_q
-        [B+1], or BSND [B, S, N, D]. Returns (out like q, softmax_lse zeros: the kernel returns none).
-        README limits (sparse_attn_sharedkv): N1 64, K 512, KV_N 1, ori_mask_mode 4, cmp_mask_mode 3,
-        ori_win_right 0, return_softmax_lse False, ori_sparse_indices unused; cu_seqlens_*_kv ignored for PA_ND."""
+    def _sparse_attn_plan(self, q: Any, ori_kv: Any, cmp_kv: Any, ori_sparse_indices: Any, cmp_sparse_indices: Any,
+                          ori_block_table: Any, cmp_block_table: Any, cu_seqlens_q: Any, seqused_kv: Any,
+                          metadata: Any, cmp_ratio: int, ori_mask_mode: int, cmp_mask_mode: int, ori_win_left: int,
+                          ori_win_right: int, layout_q: str, layout_kv: str, return_softmax_lse: bool) -> tuple:
+        """npu_sparse_attn_sharedkv's argument checks and host-side plan, shared by this golden and every kernel
+        lowering of the op: (q as TND, q's shape as given, cu_seqlens_q, seqused_kv, ori / cmp block tables,
+        the selected compressed indices or None, cmp_ratio (>= 1), window length)."""
         op = "sparse_attn_sharedkv"
         _need(not return_softmax_lse, f"{op}: return_softmax_lse must be False")
         _need(ori_mask_mode == 4 and cmp_mask_mode == 3 and ori_win_right == 0,
@@ -351,6 +341,29 @@ class AttentionKernels:
         self._check_metadata(metadata, 1, len(sk), op)
         sel_all = None if cmp_sparse_indices is None else self._host(cmp_sparse_indices)
         r, W = max(int(cmp_ratio), 1), int(ori_win_left) + 1
+        return q, shape, cu, sk, obt, cbt, sel_all, r, W
+
+    def sparse_attn_sharedkv(self, q: Any, *, ori_kv: Any = None, cmp_kv: Any = None, ori_sparse_indices: Any = None,
+                             cmp_sparse_indices: Any = None, ori_block_table: Any = None, cmp_block_table: Any = None,
+                             cu_seqlens_q: Any = None, cu_seqlens_ori_kv: Any = None, cu_seqlens_cmp_kv: Any = None,
+                             seqused_q: Any = None, seqused_kv: Any = None, sinks: Any = None, metadata: Any = None,
+                             softmax_scale: float = 0.0, cmp_ratio: int = 0, ori_mask_mode: int = 4,
+                             cmp_mask_mode: int = 3, ori_win_left: int = 128, ori_win_right: int = 0,
+                             layout_q: str = "BSND", layout_kv: str = "PA_ND",
+                             return_softmax_lse: bool = False) -> tuple[Any, Any]:
+        """npu_sparse_attn_sharedkv: shared-KV MQA (one KV head, K = V) with sinks. Query row t of request b sits
+        at position p = seqused_kv[b] - n_b + i (right-aligned). Keys: the raw entries of ori_kv at positions
+        [p - ori_win_left, p] (ori_mask_mode 4, sliding window), plus the compressed entries of cmp_kv with
+        (j + 1) * cmp_ratio <= p + 1 (cmp_mask_mode 3), only those in cmp_sparse_indices [T, 1, K] when given
+        (-1 = none). softmax(q k^T * softmax_scale) with the per-head sink in the denominator only.
+        Caches PA_ND [blocks, block_size, 1, D] with block tables [B, n]; TND q [T, N, D] with cu_seqlens_q
+        [B+1], or BSND [B, S, N, D]. Returns (out like q, softmax_lse zeros: the kernel returns none).
+        README limits (sparse_attn_sharedkv): N1 64, K 512, KV_N 1, ori_mask_mode 4, cmp_mask_mode 3,
+        ori_win_right 0, return_softmax_lse False, ori_sparse_indices unused; cu_seqlens_*_kv ignored for PA_ND."""
+        q, shape, cu, sk, obt, cbt, sel_all, r, W = self._sparse_attn_plan(
+            q, ori_kv, cmp_kv, ori_sparse_indices, cmp_sparse_indices, ori_block_table, cmp_block_table,
+            cu_seqlens_q, seqused_kv, metadata, cmp_ratio, ori_mask_mode, cmp_mask_mode, ori_win_left, ori_win_right,
+            layout_q, layout_kv, return_softmax_lse)
         outs = []
         for b in range(len(sk)):
             a, e = int(cu[b]), int(cu[b + 1])

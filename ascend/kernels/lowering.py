@@ -166,32 +166,10 @@ def sparse_attn_sharedkv(self, q, *, ori_kv=None, cmp_kv=None, ori_sparse_indice
     the compressed entries from the compressed cache -- only the selected ones when cmp_sparse_indices is
     given, renumbered so the kernel sees local indices with ratio 1 (a selected entry's rank among the used
     ones is at most its index, and invisible ones were dropped first, so visibility is unchanged)."""
-    op = "sparse_attn_sharedkv"
-    _need(not return_softmax_lse, f"{op}: return_softmax_lse must be False")
-    _need(ori_mask_mode == 4 and cmp_mask_mode == 3 and ori_win_right == 0,
-          f"{op}: only ori_mask_mode 4, cmp_mask_mode 3, ori_win_right 0 are supported")
-    _need(layout_kv == "PA_ND", f"{op}: layout_kv must be PA_ND here, got {layout_kv!r}")
-    _need(ori_kv is not None and ori_block_table is not None and seqused_kv is not None,
-          f"{op}: ori_kv, ori_block_table and seqused_kv are required")
-    _need(ori_sparse_indices is None, f"{op}: ori_sparse_indices is not supported")
-    _need(cmp_sparse_indices is None or cmp_kv is not None, f"{op}: cmp_sparse_indices without cmp_kv")
-    shape = tuple(q.shape)
-    if layout_q == "BSND":
-        _need(q.dim() == 4, f"{op}: BSND q must be [B, S, N, D]")
-        cu = np.arange(shape[0] + 1) * shape[1]
-        q = q.reshape(shape[0] * shape[1], shape[2], shape[3])
-        if cmp_sparse_indices is not None:
-            cmp_sparse_indices = cmp_sparse_indices.reshape(shape[0] * shape[1], 1, -1)
-    else:
-        _need(layout_q == "TND" and q.dim() == 3 and cu_seqlens_q is not None,
-              f"{op}: layout_q must be TND ([T, N, D] with cu_seqlens_q) or BSND")
-        cu = self._host(cu_seqlens_q)
-    sk, obt, cbt = self._host(seqused_kv), self._host(ori_block_table), self._host(cmp_block_table)
-    _need(cmp_kv is None or cbt is not None, f"{op}: cmp_kv needs cmp_block_table")
-    _need(len(cu) == len(sk) + 1 == obt.shape[0] + 1, f"{op}: batch sizes of cu_seqlens_q / seqused_kv differ")
-    self._check_metadata(metadata, 1, len(sk), op)
-    sel_all = None if cmp_sparse_indices is None else self._host(cmp_sparse_indices)
-    r, W = max(int(cmp_ratio), 1), int(ori_win_left) + 1
+    q, shape, cu, sk, obt, cbt, sel_all, r, W = self._sparse_attn_plan(
+        q, ori_kv, cmp_kv, ori_sparse_indices, cmp_sparse_indices, ori_block_table, cmp_block_table, cu_seqlens_q,
+        seqused_kv, metadata, cmp_ratio, ori_mask_mode, cmp_mask_mode, ori_win_left, ori_win_right, layout_q,
+        layout_kv, return_softmax_lse)
     dev = q.device
     sinks = sinks.to(F32)
     out = torch.zeros((int(q.shape[0]),) + tuple(q.shape[1:]), dtype=F32, device=dev)
