@@ -113,6 +113,17 @@ def init_distributed(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> t
     return rank, world, local_rank
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group: the collective watchdog stops first (it heartbeats through the group's store)."""
+    import torch.distributed as dist
+
+    from . import watchdog
+
+    watchdog.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def detect_soc(device: str) -> str:
     """The SoC family of this rank's NPU (A2 when it cannot be told, and on a CPU)."""
     if device == "npu":

@@ -42,6 +42,7 @@ class _State:
         self.rank = 0
         self.world = 1
         self.beat = 0
+        self.stopping = False
 
 
 _S = _State()
@@ -131,7 +132,7 @@ def report(verdict: str) -> None:
 def _loop() -> None:
     s = _S
     last_beat = 0.0
-    while True:
+    while not s.stopping:
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT and s.store is not None:
             s.beat += 1
@@ -185,3 +186,16 @@ def reset() -> None:
     """Forget the store and counters (the process group was destroyed); the thread keeps running idle."""
     s = _S
     s.current, s.store, s.seq = None, None, 0
+
+
+def stop() -> None:
+    """Stop heartbeating and forget the store, before the process group and its store are torn down: a heartbeat
+    still inside the store's C++ client while the store is destroyed at exit aborts the process ("terminate
+    called without an active exception"). A later collective starts a new thread."""
+    s = _S
+    s.stopping = True
+    t = s.thread
+    if t is not None and t is not threading.current_thread():
+        t.join(HEARTBEAT + 6.0)  # its store call is bounded by 5 s
+    s.thread, s.stopping = None, False
+    reset()

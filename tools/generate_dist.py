@@ -25,6 +25,7 @@ from ascend.distributed import (
     detect_soc,
     init_distributed,
     launch,
+    shutdown_distributed,
 )
 from common.config import model_config
 from common.generate import generate
@@ -127,8 +128,7 @@ def run_rank(job: Job, log: Callable[[str], None] | None = None) -> list[RunResu
             os.replace(tmp, job.result_path)
         return results if rank == 0 else None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def generate_multi(model: str, prompts: list[list[int]], params: Any, nproc: int, backend: str = "cpu",

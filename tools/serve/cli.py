@@ -187,7 +187,7 @@ def serve_rank(job: ServeJob) -> None:
 
     import torch.distributed as dist
 
-    from ascend.distributed import LOAD_TIMEOUT, detect_soc, init_distributed
+    from ascend.distributed import LOAD_TIMEOUT, detect_soc, init_distributed, shutdown_distributed
     from ascend.ep import EPBackend, ExpertParallel, collective
     from common.loading import load_model
     from common.model import Model
@@ -225,8 +225,7 @@ def serve_rank(job: ServeJob) -> None:
         else:
             worker_loop(model, rank, world, ctrl)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def run_serve_distributed(args: Any, job: ServeJob) -> int:
