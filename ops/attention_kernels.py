@@ -14,6 +14,7 @@ rope, indexer_topk, sparse_attention, linear) and overrides it where it has the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -343,6 +344,35 @@ class AttentionKernels:
         r, W = max(int(cmp_ratio), 1), int(ori_win_left) + 1
         return q, shape, cu, sk, obt, cbt, sel_all, r, W
 
+    def _sparse_attn_requests(self, cu: np.ndarray, sk: np.ndarray, obt: np.ndarray, cbt: np.ndarray | None,
+                              ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int, W: int) -> Iterator[tuple]:
+        """Per request with queries: (row range a, e, query positions, its window keys gathered from the paged raw
+        cache, their positions, the compressed entries it may read, their ratio, local selected indices or None).
+        Shared by this golden and every kernel lowering of sparse_attn_sharedkv."""
+        for b in range(len(sk)):
+            a, e = int(cu[b]), int(cu[b + 1])
+            n = e - a
+            if n <= 0:
+                continue
+            L = int(sk[b])
+            qpos = np.arange(L - n, L)
+            kpos = np.arange(max(0, L - n - W + 1), L)
+            keys = self._gather(ori_kv, obt, b, kpos)
+            comp, sel, ratio = None, None, r
+            if cmp_kv is not None:
+                if sel_all is not None:
+                    s = sel_all[a:e, 0]
+                    s = np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)  # cmp_mask_mode 3
+                    used = np.unique(s[s >= 0])
+                    if len(used):
+                        # only the selected entries are read; local indices keep visibility exact because
+                        # a selected entry's rank in `used` is at most its index (see ratio 1 below)
+                        comp = self._gather(cmp_kv, cbt, b, used)
+                        sel, ratio = np.where(s >= 0, np.searchsorted(used, np.maximum(s, 0)), -1), 1
+                elif L // r:
+                    comp = self._gather(cmp_kv, cbt, b, np.arange(L // r))
+            yield a, e, qpos, keys, kpos, comp, ratio, sel
+
     def sparse_attn_sharedkv(self, q: Any, *, ori_kv: Any = None, cmp_kv: Any = None, ori_sparse_indices: Any = None,
                              cmp_sparse_indices: Any = None, ori_block_table: Any = None, cmp_block_table: Any = None,
                              cu_seqlens_q: Any = None, cu_seqlens_ori_kv: Any = None, cu_seqlens_cmp_kv: Any = None,
@@ -365,34 +395,10 @@ class AttentionKernels:
             cu_seqlens_q, seqused_kv, metadata, cmp_ratio, ori_mask_mode, cmp_mask_mode, ori_win_left, ori_win_right,
             layout_q, layout_kv, return_softmax_lse)
         outs = []
-        for b in range(len(sk)):
-            a, e = int(cu[b]), int(cu[b + 1])
-            n = e - a
-            if n <= 0:
-                continue
-            L = int(sk[b])
-            qpos = np.arange(L - n, L)
-            lo = max(0, L - n - W + 1)
-            kpos = np.arange(lo, L)
-            keys = self._gather(ori_kv, obt, b, kpos)
-            comp, sel, ratio = None, None, r
-            if cmp_kv is not None:
-                if sel_all is not None:
-                    s = sel_all[a:e, 0]
-                    s = np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)  # cmp_mask_mode 3
-                    used = np.unique(s[s >= 0])
-                    if len(used):
-                        # only the selected entries are read; local indices keep visibility exact because
-                        # a selected entry's rank in `used` is at most its index (see ratio 1 below)
-                        comp = self._gather(cmp_kv, cbt, b, used)
-                        loc = np.where(s >= 0, np.searchsorted(used, np.maximum(s, 0)), -1)
-                        sel, ratio = self._idx(loc), 1
-                else:
-                    J = L // r
-                    if J:
-                        comp = self._gather(cmp_kv, cbt, b, np.arange(J))
-            o = self.sparse_attention(q[a:e], self._idx(qpos), keys, self._idx(kpos), W, comp, ratio, sel,
-                                      sinks, float(softmax_scale))
+        for a, e, qpos, keys, kpos, comp, ratio, sel in self._sparse_attn_requests(
+                cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W):
+            o = self.sparse_attention(q[a:e], self._idx(qpos), keys, self._idx(kpos), W, comp, ratio,
+                                      None if sel is None else self._idx(sel), sinks, float(softmax_scale))
             outs.append(o)
         out = self.cat(outs) if outs else q[:0]
         if layout_q == "BSND":

@@ -173,31 +173,13 @@ def sparse_attn_sharedkv(self, q, *, ori_kv=None, cmp_kv=None, ori_sparse_indice
     dev = q.device
     sinks = sinks.to(F32)
     out = torch.zeros((int(q.shape[0]),) + tuple(q.shape[1:]), dtype=F32, device=dev)
-    for b in range(len(sk)):
-        a, e = int(cu[b]), int(cu[b + 1])
-        n = e - a
-        if n <= 0:
-            continue
-        L = int(sk[b])
-        qpos = np.arange(L - n, L)
-        kpos = np.arange(max(0, L - n - W + 1), L)
-        keys = self._gather(ori_kv, obt, b, kpos)
-        comp, sel, ratio = None, None, r
-        if cmp_kv is not None:
-            if sel_all is not None:
-                s = sel_all[a:e, 0]
-                s = np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)  # cmp_mask_mode 3
-                used = np.unique(s[s >= 0])
-                if len(used):
-                    comp = self._gather(cmp_kv, cbt, b, used)
-                    loc = np.where(s >= 0, np.searchsorted(used, np.maximum(s, 0)), -1)
-                    sel, ratio = torch.as_tensor(loc, dtype=I64, device=dev), 1
-            elif L // r:
-                comp = self._gather(cmp_kv, cbt, b, np.arange(L // r))
+    for a, e, qpos, keys, kpos, comp, ratio, sel in self._sparse_attn_requests(
+            cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W):
         out[a:e] = _ops().sparse_attention(self._k(q[a:e]), torch.as_tensor(qpos, dtype=I64, device=dev),
                                            self._k(keys), torch.as_tensor(kpos, dtype=I64, device=dev), W,
-                                           None if comp is None else self._k(comp), ratio, sel, sinks,
-                                           float(softmax_scale))
+                                           None if comp is None else self._k(comp), ratio,
+                                           None if sel is None else torch.as_tensor(sel, dtype=I64, device=dev),
+                                           sinks, float(softmax_scale))
     out = out.to(self.act)
     if layout_q == "BSND":
         out = out.reshape(shape)
