@@ -241,8 +241,9 @@ def _add_serve(sub) -> None:
                                    "Stops cleanly on SIGINT/SIGTERM.")
     p.add_argument("--model", required=True, help="model directory or preset name (tiny-chat has the V4 tokenizer)")
     p.add_argument("--backend", default="cpu", help="compute backend (cpu = the NumPy reference, torch, mindspore)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="activation dtype handed to the backend")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="activation and weight dtype of --backend torch (default bfloat16 with --device npu, "
+                        "float32 on the CPU: the golden), as for generate")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed at start)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")

@@ -49,14 +49,10 @@ def _log(msg: str) -> None:
 
 
 def make_compute_backend(job: ServeJob) -> Any:
-    """The backend through the one registry (`ascend.backends.get_backend`); --dtype other than float32 needs the
-    torch backend (the NumPy reference and MindSpore compute in float32)."""
+    """The backend through the one registry (`ascend.backends.get_backend`); job.dtype was resolved by
+    `generate_cmd.resolve_dtype` (float32 unless the backend is torch)."""
     from ascend.backends import get_backend
-    from tools.errors import EXIT_USAGE, CliError
 
-    if job.dtype != "float32" and job.backend != "torch":
-        raise CliError(f"--dtype {job.dtype} needs --backend torch (the {job.backend} backend computes in float32)",
-                       EXIT_USAGE)
     opts = {"dtype": job.dtype} if job.backend == "torch" else {}
     soc = job.soc if job.backend in ("torch", "mindspore") else None
     return get_backend(job.backend, device=job.device, soc=soc, **opts)
@@ -133,6 +129,7 @@ def serve_http(engine: Any, tokenizer: Any, scfg: Any, host: str, port: int) -> 
 
 def job_from_args(args: Any) -> ServeJob:
     from tools.errors import EXIT_USAGE, CliError
+    from tools.generate_cmd import resolve_dtype
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port}: must be in [0, 65535]", EXIT_USAGE)
@@ -149,8 +146,8 @@ def job_from_args(args: Any) -> ServeJob:
     if args.cache_tokens is not None and args.cache_tokens < 2:
         raise CliError("--cache-tokens must be >= 2", EXIT_USAGE)
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
-    return ServeJob(args.model, args.backend, args.dtype, args.device, args.soc, args.moe_comm, args.host, args.port,
-                    args.max_num_seqs, args.max_model_len, args.max_batched_tokens, args.max_waiting,
+    return ServeJob(args.model, args.backend, resolve_dtype(args), args.device, args.soc, args.moe_comm, args.host,
+                    args.port, args.max_num_seqs, args.max_model_len, args.max_batched_tokens, args.max_waiting,
                     args.cache_tokens, api_key or None, args.served_model_name, args.dist_timeout)
 
 
