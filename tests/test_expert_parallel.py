@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -348,12 +347,10 @@ def test_under_torchrun_each_process_is_one_rank(model_dir):
 
 
 def test_world_size_not_dividing_experts_is_refused(model_dir):
-    t0 = time.monotonic()
     p = dsv4("generate", "--model", str(model_dir), "--prompt-ids", "5,6", "--nproc", "3")
     assert p.returncode == 2
     assert "8 routed experts" in p.stderr and "--nproc 3" in p.stderr
     assert "loaded" not in p.stderr and "Traceback" not in p.stderr  # refused before any rank started
-    assert time.monotonic() - t0 < 60
 
 
 def test_rank_dying_mid_decode_fails_fast(model_dir):
