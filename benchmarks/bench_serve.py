@@ -138,6 +138,42 @@ def run_concurrent(port: int, prompts, refs, max_tokens: int, clients: int, dura
             "ttft_p50": statistics.median(d[1] for d in done) if done else 0.0, "errors": errors}
 
 
+def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int]) -> dict[int, float]:
+    """The most continuous batching can give this workload on this machine, measured in this process on the NumPy
+    reference after the server is gone: one at a time a request costs prefill(prompt) + max_tokens decode steps
+    at batch 1; with C clients, prefill(prompt) + max_tokens shares of a batch-C decode step (prefill is already
+    a batched product, so batching does not shrink it). -> {C: ceiling ratio}."""
+    from ascend.backends import get_backend
+    from common.loading import load_model
+    from common.model import Model
+
+    lm = load_model(model, lambda m: None)
+    m = Model(lm.cfg, lm.weights, get_backend("numpy"))
+
+    def prefill(p: list[int]) -> float:
+        c = m.new_cache()
+        m.forward([c], [p])
+        t = time.perf_counter()
+        m.forward([m.new_cache()], [p])
+        return time.perf_counter() - t
+
+    def step(b: int) -> float:
+        caches = [m.new_cache() for _ in range(b)]
+        ps = [prompts[i % len(prompts)] for i in range(b)]
+        m.forward(caches, ps)
+        m.forward(caches, [[5]] * b)
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            m.forward(caches, [[5]] * b)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    pre = statistics.mean(prefill(p) for p in prompts)
+    one = pre + max_tokens * step(1)
+    return {c: one / (pre + max_tokens * step(c) / c) for c in conc}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="bench-small")
@@ -147,6 +183,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--sequential", type=int, default=4, help="requests in the one-at-a-time phase")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `dsv4 serve` argument (repeatable)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip measuring the batching ceiling of this workload (see ceiling())")
     args = ap.parse_args()
     import numpy as np
 
@@ -163,9 +201,10 @@ def main() -> int:
     print(f"references from dsv4 generate: {len(prompts)} prompts in {time.perf_counter() - t:.1f}s", flush=True)
 
     proc, port = start_server(args.model, max(conc), 64 + args.max_tokens + 8, args.server_arg)
+    results: list[tuple[int, float]] = []
+    failed = False
     try:
         one_request(http_client(port), prompts[0], 2)  # warm-up
-        failed = False
         # the machine's load drifts: each concurrent phase is set beside a one-at-a-time phase run just before it
         for c in conc:
             seq, bad = run_sequential(port, prompts, refs, args.max_tokens, args.sequential)
@@ -178,15 +217,22 @@ def main() -> int:
             for e in r["errors"][:5]:
                 print(f"  {e}")
             failed |= bool(r["errors"]) or r["requests"] == 0 or bad > 0
+            results.append((c, r["tok_s"] / seq))
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print("all requests completed, greedy tokens identical to dsv4 generate" if not failed else "FAILED")
-        return 1 if failed else 0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if not args.no_ceiling and "--backend" not in args.server_arg:
+        print("batching ceiling of this workload (NumPy reference, measured here after the server stopped):")
+        for c, cap in ceiling(args.model, prompts, args.max_tokens, conc).items():
+            got = dict(results).get(c)
+            print(f"  {c:3d} clients: at most {cap:.2f}x one-at-a-time"
+                  + (f"; served {got:.2f}x = {got / cap:.0%} of it" if got else ""), flush=True)
+    print("all requests completed, greedy tokens identical to dsv4 generate" if not failed else "FAILED")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

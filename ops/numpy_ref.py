@@ -23,10 +23,21 @@ _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": 
 ATTN_BLOCK = 64
 
 
+_GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row (see _x_wt)
+
+
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T for a [out, in] weight. Kept in this order, the torch lowering's order: a weight-major product
-    rounds differently, and through W8A8's per-token int8 quantization that last-bit difference flips quantized
-    values, so the golden would stop matching the lowering (tests/test_torch_backend.py end-to-end W8A8)."""
+    """x @ w.T for a [out, in] weight, in the torch lowering's order (a weight-major product rounds differently,
+    and through W8A8's per-token int8 quantization a last-bit difference flips quantized values). A few rows (an
+    expert's share of a decode batch) run as one matrix-vector product per row: BLAS packs the whole weight for a
+    matrix product, which costs about 3x the weight read that a matrix-vector product is bound by
+    (`benchmarks/bench_batch_step.py --matmul`: rows 2..6 of a 2 MiB weight 0.06-0.11 ms against 0.14-0.23 ms)."""
+    m = x.shape[0] if x.ndim == 2 else 0
+    if 2 <= m <= _GEMV_ROWS and w.ndim == 2:
+        out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
+        for i in range(m):
+            np.dot(w, x[i], out=out[i])
+        return out
     return x @ w.T
 
 
@@ -105,6 +116,8 @@ class NumpyBackend(AttentionKernels):
     def grouped_linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         T, G, K = x.shape
         wd = dense(w).reshape(G, -1, K)
+        if T <= _GEMV_ROWS:  # decode rows: per-row matrix-vector products (see _x_wt)
+            return np.stack([_x_wt(x[:, g], wd[g]) for g in range(G)], axis=1)
         # [G, T, K] @ [G, K, N] -> [G, T, N]
         y = np.matmul(x.transpose(1, 0, 2), wd.transpose(0, 2, 1))
         return y.transpose(1, 0, 2)
