@@ -23,17 +23,19 @@ _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": 
 ATTN_BLOCK = 64
 
 
-_GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row (see _x_wt)
+_GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row (see _x_wt) ...
+_GEMV_BYTES = 16 << 20  # ... of a weight that stays in the last-level cache between rows (not the 128 MiB head)
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w.T for a [out, in] weight, in the torch lowering's order (a weight-major product rounds differently,
     and through W8A8's per-token int8 quantization a last-bit difference flips quantized values). A few rows (an
     expert's share of a decode batch) run as one matrix-vector product per row: BLAS packs the whole weight for a
-    matrix product, which costs about 3x the weight read that a matrix-vector product is bound by
+    matrix product, which costs about 3x the weight read that a matrix-vector product is bound by, and the
+    weight stays cached for the following rows
     (`benchmarks/bench_batch_step.py --matmul`: rows 2..6 of a 2 MiB weight 0.06-0.11 ms against 0.14-0.23 ms)."""
     m = x.shape[0] if x.ndim == 2 else 0
-    if 2 <= m <= _GEMV_ROWS and w.ndim == 2:
+    if 2 <= m <= _GEMV_ROWS and w.ndim == 2 and w.nbytes <= _GEMV_BYTES:
         out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
         for i in range(m):
             np.dot(w, x[i], out=out[i])
