@@ -283,3 +283,20 @@ def test_small_cache_tokens_makes_requests_wait_and_bounds_memory(lm):
         assert err["type"] == "invalid_request_error" and "--cache-tokens 64" in err["message"], err
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model=MODEL, prompt=[0, 5, 6, 7], max_tokens=400)
+
+
+def test_printed_pool_bytes_are_plans_accounting(lm):
+    """The start-up bytes (the manager's storages) equal what `dsv4 plan`'s accounting (CacheFormat, float32 for
+    the CPU reference) gives for the same blocks."""
+    from common.paged_cache import cache_format
+    from tools.serve.budget import describe_pools
+
+    cfg = lm.cfg
+    pools = serve_pools(cfg, 1000, 300, 32, 3)
+    mgr = PagedCacheManager(cfg, get_backend("cpu"), block_size=SERVE_BLOCK_SIZE, num_blocks=pools)
+    fmt = cache_format(cfg, "float32")
+    expect = sum(n * mgr.kind_bs(k) * fmt.row_bytes(cfg, mgr.kinds[k]) * len(mgr.kind_layers[k])
+                 for k, n in pools.items())
+    assert sum(n * mgr.block_bytes(k) for k, n in pools.items()) == expect
+    assert describe_pools(mgr, 1000).endswith(f"; {expect / 2**20:.1f} MiB")
+    assert BlockBudget(mgr, 32, 1, 1000).stats()["cache_bytes_total"] == expect
