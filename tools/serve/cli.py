@@ -73,7 +73,13 @@ def build_model(job: ServeJob, lm: Any, backend: Any, say: Any = _log, **kw: Any
 
     max_len, cache = serve_limits(job, lm.cfg)
     pools = serve_pools(lm.cfg, cache, max_len, job.max_batched_tokens, job.max_num_seqs, SERVE_BLOCK_SIZE)
-    model = Model(lm.cfg, lm.weights, backend, mtp=False, block_size=SERVE_BLOCK_SIZE, num_blocks=pools, **kw)
+    try:
+        model = Model(lm.cfg, lm.weights, backend, mtp=False, block_size=SERVE_BLOCK_SIZE, num_blocks=pools, **kw)
+    except MemoryError as e:
+        from tools.errors import EXIT_USAGE, CliError
+
+        raise CliError(f"--cache-tokens {cache}: the cache pools {pools} do not fit in memory ({e}); "
+                       f"lower --cache-tokens, --max-num-seqs or --max-model-len", EXIT_USAGE) from None
     say(f"dsv4 serve: {describe_pools(model.caches, cache)}")
     return model
 
