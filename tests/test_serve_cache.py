@@ -183,7 +183,7 @@ class SlowRunner(LocalRunner):
     is full."""
 
     def step(self, plan):
-        time.sleep(0.01)
+        time.sleep(0.02)
         return super().step(plan)
 
 
