@@ -141,13 +141,48 @@ def _blocks(first: int, end: int, bs: int) -> int:
     return 0 if end <= first else (end - 1) // bs - first // bs + 1
 
 
+def kind_block_size(kind: Kind, block_size: int, state_block_size: int) -> int:
+    """Rows per block of a kind: compressor state pages are smaller (a few groups live at a time)."""
+    return state_block_size if kind.sliding == "state" else block_size
+
+
+def peak_blocks(kind: Kind, length: int, chunk: int, window: int, block_size: int) -> int:
+    """The most blocks of `kind` one sequence holds at once while it grows to `length` tokens in forward calls of
+    at most `chunk` tokens (any split). A call at position p first allocates its rows beside live_rows(p) and only
+    then trims the sliding kinds (`allocate` ... `trim`), so it holds [live_rows(p).first, p + its tokens)."""
+    if length <= 0:
+        return 0
+    if not kind.sliding:  # kept for the sequence's life: the peak is the end
+        first, end = kind.live_rows(length, window)
+        return _blocks(first, end, block_size)
+    # Once the live rows start past 0, moving p back by `period` moves them by whole blocks and leaves the call as
+    # many tokens or more, so it holds as many blocks or more: the maximum lies at some p < start + period.
+    if kind.sliding == "window":
+        start, period = max(0, window - 1), block_size
+    else:
+        start, period = 2 * kind.ratio, math.lcm(kind.ratio, block_size)
+    best = 0
+    for p in range(min(length, start + period)):
+        first, _ = kind.live_rows(p, window)
+        best = max(best, _blocks(first, p + min(max(1, chunk), length - p), block_size))
+    return best
+
+
+def sequence_peak_blocks(cfg: ModelConfig, length: int, chunk: int, block_size: int,
+                         state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
+    """`peak_blocks` of every kind the main layers use (what a served sequence needs; MTP layers not run)."""
+    kinds = {k.name: k for i in range(cfg.n_layers) for k in layer_kinds(cfg, i)}
+    return {name: peak_blocks(k, length, chunk, cfg.window, kind_block_size(k, block_size, state_block_size))
+            for name, k in kinds.items()}
+
+
 def layer_bytes(cfg: ModelConfig, fmt: CacheFormat, layer: int, context: int,
                 block_size: int = DEFAULT_BLOCK_SIZE, state_block_size: int = STATE_BLOCK_SIZE) -> dict[str, int]:
     """Bytes (whole blocks) one layer holds for a sequence of `context` tokens, per kind."""
     out = {}
     for k in layer_kinds(cfg, layer):
         first, end = k.live_rows(context, cfg.window)
-        bs = state_block_size if k.sliding == "state" else block_size
+        bs = kind_block_size(k, block_size, state_block_size)
         out[k.name] = _blocks(first, end, bs) * bs * fmt.row_bytes(cfg, k)
     return out
 
@@ -163,7 +198,7 @@ def sequence_bytes(cfg: ModelConfig, fmt: CacheFormat, context: int, with_mtp: b
         for k in layer_kinds(cfg, i):
             first, end = k.live_rows(context, cfg.window)
             rb = fmt.row_bytes(cfg, k)
-            bs = state_block_size if k.sliding == "state" else block_size
+            bs = kind_block_size(k, block_size, state_block_size)
             d = out.setdefault(k.name, {"layers": 0, "rows": 0, "blocks": 0, "bytes": 0, "row_bytes": 0})
             d["layers"] += 1
             d["rows"] = end - first
@@ -240,13 +275,12 @@ class PagedCacheManager:
         return (n + 1, bs, 1, width)
 
     def kind_bs(self, kind: str) -> int:
-        """Rows per block of a kind: compressor state pages are smaller (a few groups live at a time)."""
-        return self.state_bs if self.kinds[kind].sliding == "state" else self.bs
+        return kind_block_size(self.kinds[kind], self.bs, self.state_bs)
 
     def _grow(self, name: str, n: int) -> None:
-        if n <= 0:
-            return
         kind = self.kinds[name]
+        if n <= 0 and (self.kind_layers[name][0], kind.storages[0][0]) in self.storage:
+            return  # a fixed pool of 0 blocks still gets its storages (the null block alone)
         old = self.capacity[name]
         new = old + n
         for layer in self.kind_layers[name]:
@@ -318,6 +352,12 @@ class PagedCacheManager:
             need[name] = sum(1 for lb in range(first // bs, -(-end // bs))
                              if lb >= len(table) or table[lb] == NULL_BLOCK)
         return need
+
+    def peak_blocks(self, n_tokens: int, chunk: int, group: str = MAIN) -> dict[str, int]:
+        """Blocks per kind a new sequence holds at its peak while it runs `n_tokens` in calls of <= `chunk` tokens:
+        reserving these up front means `allocate` never raises CacheFull for it."""
+        return {name: peak_blocks(self.kinds[name], n_tokens, chunk, self.cfg.window, self.kind_bs(name))
+                for name in self.kinds_of_group(group)}
 
     def can_allocate(self, seq: SequenceCache | None, n_new: int, group: str = MAIN) -> bool:
         """Admission: whether the pools hold enough free blocks (always true when pools grow)."""
@@ -452,13 +492,17 @@ class PagedCacheManager:
     def row_bytes(self, kind: str) -> int:
         return sum(w * DTYPE_BYTES[d] for _, w, d in self.kinds[kind].storages)
 
+    def block_bytes(self, kind: str) -> int:
+        """Bytes one block of a kind takes, summed over the kind's layers (each layer has its own storage)."""
+        return self.kind_bs(kind) * self.row_bytes(kind) * len(self.kind_layers[kind])
+
+    def blocks_in_use(self) -> dict[str, int]:
+        """Blocks held by sequences (shared prefix blocks once), per kind."""
+        return {name: int(np.count_nonzero(self.refs[name][1:])) for name in self.kinds}
+
     def bytes_in_use(self) -> dict[str, int]:
         """Bytes of the blocks held by sequences, per kind, summed over the kind's layers."""
-        out = {}
-        for name in self.kinds:
-            used = int(np.count_nonzero(self.refs[name][1:]))
-            out[name] = used * self.kind_bs(name) * self.row_bytes(name) * len(self.kind_layers[name])
-        return out
+        return {name: n * self.block_bytes(name) for name, n in self.blocks_in_use().items()}
 
     def free_blocks(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.free.items()}

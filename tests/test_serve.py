@@ -23,7 +23,8 @@ import uvicorn
 from common.chat import EOS, encode_messages, encode_text, load_v4_tokenizer, render_tool_calls
 from tools.cli import main as dsv4_main
 from tools.serve.api import ServeConfig, create_app
-from tools.serve.engine import Engine, SequenceCacheBudget
+from tools.serve.budget import SERVE_BLOCK_SIZE, BlockBudget, serve_pools
+from tools.serve.engine import Engine
 from tools.serve.runner import TokenResult
 
 MODEL = "tiny-chat"
@@ -267,7 +268,7 @@ class ScriptedRunner:
     def __init__(self, script: list[int], delay: float = 0.0):
         self.script, self.delay, self.pos = script, delay, {}
 
-    def owner_for(self, loads):
+    def owner_for(self, loads, ranks):
         return 0
 
     def step(self, plan):
@@ -289,9 +290,27 @@ class ScriptedRunner:
         pass
 
 
+def fixed_pools(max_num_seqs: int, max_batched_tokens: int, cache_tokens: int | None = None) -> dict[str, int]:
+    """The pools `dsv4 serve` gives tiny-chat for these limits."""
+    from common.config import load_preset
+
+    return serve_pools(load_preset(MODEL)[0], cache_tokens or max_num_seqs * MAX_LEN, MAX_LEN, max_batched_tokens,
+                       max_num_seqs)
+
+
 @contextlib.contextmanager
-def app_server(runner, tokenizer, max_num_seqs=4, max_waiting=None, api_key=None, max_batched_tokens=512):
-    engine = Engine(runner, SequenceCacheBudget(max_num_seqs * MAX_LEN), tokenizer, [1], max_num_seqs, MAX_LEN,
+def app_server(runner, tokenizer, max_num_seqs=4, max_waiting=None, api_key=None, max_batched_tokens=512,
+               manager=None, cache_tokens=None):
+    """`manager`: the served model's fixed-pool cache manager (default: tiny-chat's, for scripted runners)."""
+    if manager is None:
+        from ascend.backends import get_backend
+        from common.config import load_preset
+        from common.paged_cache import PagedCacheManager
+
+        manager = PagedCacheManager(load_preset(MODEL)[0], get_backend("cpu"), block_size=SERVE_BLOCK_SIZE,
+                                    num_blocks=fixed_pools(max_num_seqs, max_batched_tokens, cache_tokens))
+    budget = BlockBudget(manager, max_batched_tokens, 1, cache_tokens or max_num_seqs * MAX_LEN)
+    engine = Engine(runner, budget, tokenizer, [1], max_num_seqs, MAX_LEN,
                     max_batched_tokens=max_batched_tokens, max_waiting=max_waiting)
     app = create_app(engine, tokenizer, ServeConfig(MODEL, MAX_LEN, 129280, 0, api_key))
     sock = socket.socket()
@@ -383,11 +402,11 @@ def test_chunked_prefill_beside_decode_equals_generate(tok):
     from tools.serve.runner import LocalRunner
 
     lm = load_model(MODEL)
-    model = Model(lm.cfg, lm.weights, get_backend("cpu"))
+    model = Model(lm.cfg, lm.weights, get_backend("cpu"), block_size=SERVE_BLOCK_SIZE, num_blocks=fixed_pools(4, 8))
     short, long_ = [0, 19923, 400], [0] + list(range(1000, 1061))
     expect = [generate(model, [p], SamplingParams(max_new_tokens=12, stop_on_eos=False)).output_ids[0]
               for p in (short, long_)]
-    with app_server(LocalRunner(model), tok, max_batched_tokens=8) as (port, engine):
+    with app_server(LocalRunner(model), tok, max_batched_tokens=8, manager=model.caches) as (port, engine):
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120.0, max_retries=0)
         s = c.completions.create(model=MODEL, prompt=short, max_tokens=12, temperature=0, stream=True,
                                  extra_body={"ignore_eos": True})

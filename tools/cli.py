@@ -254,7 +254,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests that may wait for admission before new ones get 429 (default 8 x max-num-seqs)")
     p.add_argument("--cache-tokens", type=int, default=None,
-                   help="cache budget in tokens over all sequences (default max-num-seqs x max-model-len)")
+                   help="room for this many tokens of context per rank: fixes the paged cache pools "
+                        "(default max-num-seqs x max-model-len)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $DSV4_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
     d = p.add_argument_group("multi-rank (rank 0 serves HTTP; all ranks step the same batch, MoE expert parallel)")

@@ -58,15 +58,42 @@ def make_compute_backend(job: ServeJob) -> Any:
     return get_backend(job.backend, device=job.device, soc=soc, **opts)
 
 
+def serve_limits(job: ServeJob, cfg: Any) -> tuple[int, int]:
+    """max_model_len and --cache-tokens (default: room for max_num_seqs sequences of max_model_len)."""
+    max_len = job.max_model_len or min(cfg.max_position_embeddings, 4096)
+    return max_len, job.cache_tokens or job.max_num_seqs * max_len
+
+
+def build_model(job: ServeJob, lm: Any, backend: Any, say: Any = _log, **kw: Any) -> Any:
+    """The served Model with fixed cache pools sized from --cache-tokens (the same on every rank); MTP layers
+    are not run by the engine, so they get no caches."""
+    from common.model import Model
+
+    from .budget import SERVE_BLOCK_SIZE, describe_pools, serve_pools
+
+    max_len, cache = serve_limits(job, lm.cfg)
+    pools = serve_pools(lm.cfg, cache, max_len, job.max_batched_tokens, job.max_num_seqs, SERVE_BLOCK_SIZE)
+    try:
+        model = Model(lm.cfg, lm.weights, backend, mtp=False, block_size=SERVE_BLOCK_SIZE, num_blocks=pools, **kw)
+    except MemoryError as e:
+        from tools.errors import EXIT_USAGE, CliError
+
+        raise CliError(f"--cache-tokens {cache}: the cache pools {pools} do not fit in memory ({e}); "
+                       f"lower --cache-tokens, --max-num-seqs or --max-model-len", EXIT_USAGE) from None
+    say(f"dsv4 serve: {describe_pools(model.caches, cache)}")
+    return model
+
+
 def build_engine(job: ServeJob, model: Any, tokenizer: Any, runner: Any) -> tuple[Any, Any]:
     from .api import ServeConfig
-    from .engine import Engine, SequenceCacheBudget
+    from .budget import BlockBudget
+    from .engine import Engine
 
     cfg = model.cfg
-    max_len = job.max_model_len or min(cfg.max_position_embeddings, 4096)
-    cache = job.cache_tokens or job.max_num_seqs * max_len
+    max_len, cache = serve_limits(job, cfg)
     eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, (list, tuple, set)) else [cfg.eos_token_id]
-    engine = Engine(runner, SequenceCacheBudget(cache), tokenizer, [e for e in eos if e is not None],
+    budget = BlockBudget(model.caches, job.max_batched_tokens, runner.world, cache)
+    engine = Engine(runner, budget, tokenizer, [e for e in eos if e is not None],
                     job.max_num_seqs, max_len, job.max_batched_tokens, job.max_waiting, log=_log)
     scfg = ServeConfig(job.served_model_name or _default_name(job.model), max_len, cfg.vocab_size, cfg.bos_token_id,
                        job.api_key)
@@ -158,7 +185,6 @@ def run_serve(args: Any) -> int:
     if wants_distributed(args):
         return run_serve_distributed(args, job)
     from common.loading import load_model
-    from common.model import Model
     from ops import BackendUnavailable
     from tools.errors import CliError
 
@@ -170,8 +196,8 @@ def run_serve(args: Any) -> int:
         raise CliError(str(e)) from None
     t0 = time.perf_counter()
     lm = load_model(job.model, _log, float_dtype=job.dtype)
-    model = Model(lm.cfg, lm.weights, backend)
     _log(f"loaded {lm.source} in {time.perf_counter() - t0:.2f}s: backend {backend.name}")
+    model = build_model(job, lm, backend)
     engine, scfg = build_engine(job, model, lm.tokenizer, LocalRunner(model))
     return serve_http(engine, lm.tokenizer, scfg, job.host, job.port)
 
@@ -187,7 +213,6 @@ def serve_rank(job: ServeJob) -> None:
     from ascend.distributed import LOAD_TIMEOUT, detect_soc, init_distributed, shutdown_distributed
     from ascend.ep import EPBackend, ExpertParallel, collective
     from common.loading import load_model
-    from common.model import Model
     from common.parallel import expert_slice
     from tools.generate_dist import probe_model
 
@@ -208,7 +233,7 @@ def serve_rank(job: ServeJob) -> None:
         lm = load_model(job.model, say, experts=range(first, first + count), rank=rank, world=world,
                         float_dtype=job.dtype)
         backend = make_compute_backend(job)
-        model = Model(lm.cfg, lm.weights, EPBackend(backend, ep), expert_range=(first, count))
+        model = build_model(job, lm, EPBackend(backend, ep), say, expert_range=(first, count))
         collective("model-loaded barrier", dist.monitored_barrier, group=ctrl,
                    timeout=timedelta(seconds=max(LOAD_TIMEOUT, job.timeout)), wait_all_ranks=True)
         say(f"loaded {lm.source} on {world} ranks, {count} routed experts per rank, MoE comm {job.moe_comm}")

@@ -7,10 +7,11 @@ being prefilled (chunked prefill beside decode, at most `max_batched_tokens` tok
 are detokenised incrementally, checked against stop strings / stop ids / EOS / length, and delivered to the
 request's asyncio queue. Finished sequences release their cache at once.
 
-Admission goes through `CacheBudget` (free capacity, allocate, release) so the scheduler does not depend on how
-caches are stored. `SequenceCacheBudget` implements it over today's per-sequence caches (common/cache.py), by
-reserving each request's worst case (prompt + max_tokens) of a token budget; a paged cache manager (block tables,
-admission by free blocks) can implement the same three methods and take its place.
+Admission goes through `CacheBudget` so the scheduler does not depend on how caches are stored: the head of the
+waiting queue is admitted, first come first served, once some rank has room for its worst case (prompt +
+max_tokens); the reservation is released when it finishes or is cancelled. `tools/serve/budget.py` BlockBudget
+implements it over the paged cache manager's fixed block pools (peak blocks per kind), so a running sequence never
+meets a full pool mid-step.
 """
 
 from __future__ import annotations
@@ -29,38 +30,13 @@ from .runner import SeqSpec, StepItem, StepPlan, TokenResult
 
 
 class CacheBudget(Protocol):
-    """What the scheduler needs from a cache manager."""
+    """What the scheduler needs from a cache manager; a sequence is sized by the context tokens it may reach."""
 
-    def capacity(self) -> int: ...  # tokens the cache can hold in all
-    def free(self) -> int: ...  # tokens not yet reserved
-    def can_allocate(self, n_tokens: int) -> bool: ...
-    def allocate(self, seq_id: int, n_tokens: int) -> None: ...
+    def too_large(self, n_tokens: int) -> str | None: ...  # why it could never be admitted, or None
+    def ranks_with_room(self, n_tokens: int) -> list[int]: ...  # ranks that can hold it now
+    def allocate(self, seq_id: int, n_tokens: int, owner: int) -> None: ...
     def release(self, seq_id: int) -> None: ...
-
-
-class SequenceCacheBudget:
-    """Token reservations over today's per-sequence caches: a sequence reserves its worst case up front."""
-
-    def __init__(self, capacity_tokens: int):
-        self._capacity = capacity_tokens
-        self._held: dict[int, int] = {}
-
-    def capacity(self) -> int:
-        return self._capacity
-
-    def free(self) -> int:
-        return self._capacity - sum(self._held.values())
-
-    def can_allocate(self, n_tokens: int) -> bool:
-        return n_tokens <= self.free()
-
-    def allocate(self, seq_id: int, n_tokens: int) -> None:
-        if not self.can_allocate(n_tokens):
-            raise RuntimeError(f"cache budget: {n_tokens} tokens requested, {self.free()} free")
-        self._held[seq_id] = n_tokens
-
-    def release(self, seq_id: int) -> None:
-        self._held.pop(seq_id, None)
+    def stats(self) -> dict[str, Any]: ...  # gauges: cache_capacity_tokens, cache_used_tokens, ...
 
 
 class QueueFull(Exception):
@@ -195,9 +171,9 @@ class Engine:
             if not self.healthy:
                 raise EngineUnavailable(self.failed or "the engine is not running")
             need = min(len(prompt) + opts.max_tokens, self.max_model_len)
-            if need > self.budget.capacity():
-                raise RequestTooLarge(f"prompt + max_tokens = {need} tokens exceed the cache budget of "
-                                      f"{self.budget.capacity()} tokens (--cache-tokens)")
+            why = self.budget.too_large(need)
+            if why is not None:
+                raise RequestTooLarge(f"prompt + max_tokens = {need} tokens can never fit the cache: {why}")
             if len(self._inbox) + len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
             rid = next(self._ids)
@@ -224,9 +200,8 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
-        cap = self.budget.capacity()
         return {"running": len(self.running), "waiting": len(self.waiting) + len(self._inbox),
-                "cache_capacity_tokens": cap, "cache_used_tokens": cap - self.budget.free()}
+                **self.budget.stats()}
 
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -288,11 +263,12 @@ class Engine:
         while self.waiting and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             need = min(len(s.prompt) + s.opts.max_tokens, self.max_model_len)
-            if not self.budget.can_allocate(need):
+            rooms = self.budget.ranks_with_room(need)
+            if not rooms:
                 break  # first come first served: the head waits for room
             self.waiting.popleft()
-            self.budget.allocate(s.id, need)
-            s.owner = self.runner.owner_for(self._loads)
+            s.owner = self.runner.owner_for(self._loads, rooms)
+            self.budget.allocate(s.id, need, s.owner)
             self._loads[s.owner] += 1
             self.running[s.id] = s
             seed = s.opts.seed if s.opts.seed is not None else random.SystemRandom().randrange(2**32)

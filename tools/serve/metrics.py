@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -42,9 +43,11 @@ class Metrics:
         self.finished = 0
         self.cancelled = 0
         self.rejected = 0
-        self.gauges = {"running": 0, "waiting": 0, "cache_capacity_tokens": 0, "cache_used_tokens": 0}
+        self.gauges: dict[str, Any] = {"running": 0, "waiting": 0, "cache_capacity_tokens": 0,
+                                       "cache_used_tokens": 0, "cache_usage_ratio": 0.0, "cache_bytes_total": 0,
+                                       "cache_bytes_in_use": 0, "cache_blocks": {}}
 
-    def set_gauges(self, **kw: int) -> None:
+    def set_gauges(self, **kw: Any) -> None:
         self.gauges.update(kw)
 
     def observe_step(self, seconds: float, tokens: int) -> None:
@@ -53,16 +56,23 @@ class Metrics:
 
     def render(self) -> str:
         g = self.gauges
-        cap = max(g["cache_capacity_tokens"], 1)
         lines = [
             "# HELP dsv4_num_requests_running Sequences in the running batch.",
             "# TYPE dsv4_num_requests_running gauge", f"dsv4_num_requests_running {g['running']}",
             "# HELP dsv4_num_requests_waiting Requests waiting for admission.",
             "# TYPE dsv4_num_requests_waiting gauge", f"dsv4_num_requests_waiting {g['waiting']}",
-            "# HELP dsv4_cache_usage_ratio Fraction of the cache budget (tokens) reserved by running sequences.",
-            "# TYPE dsv4_cache_usage_ratio gauge", f"dsv4_cache_usage_ratio {g['cache_used_tokens'] / cap:.6f}",
-            "# HELP dsv4_cache_capacity_tokens Tokens the cache budget holds.",
+            "# HELP dsv4_cache_usage_ratio Fraction of the tightest cache pool (blocks of one kind over all ranks) "
+            "reserved by running sequences.",
+            "# TYPE dsv4_cache_usage_ratio gauge", f"dsv4_cache_usage_ratio {g['cache_usage_ratio']:.6f}",
+            "# HELP dsv4_cache_capacity_tokens Tokens of context the cache pools were sized for (--cache-tokens, "
+            "all ranks).",
             "# TYPE dsv4_cache_capacity_tokens gauge", f"dsv4_cache_capacity_tokens {g['cache_capacity_tokens']}",
+            "# HELP dsv4_cache_used_tokens Context tokens (prompt + max_tokens) reserved by running sequences.",
+            "# TYPE dsv4_cache_used_tokens gauge", f"dsv4_cache_used_tokens {g['cache_used_tokens']}",
+            "# HELP dsv4_cache_bytes_total Bytes of one rank's cache pools.",
+            "# TYPE dsv4_cache_bytes_total gauge", f"dsv4_cache_bytes_total {g['cache_bytes_total']}",
+            "# HELP dsv4_cache_bytes_in_use Bytes of the cache blocks sequences hold on rank 0.",
+            "# TYPE dsv4_cache_bytes_in_use gauge", f"dsv4_cache_bytes_in_use {g['cache_bytes_in_use']}",
             "# HELP dsv4_generation_tokens_total Tokens generated.",
             "# TYPE dsv4_generation_tokens_total counter", f"dsv4_generation_tokens_total {self.generated_tokens}",
             "# HELP dsv4_processed_tokens_total Prompt and decode tokens run through the model.",
@@ -74,7 +84,23 @@ class Metrics:
             "# HELP dsv4_requests_rejected_total Requests refused because the waiting queue was full.",
             "# TYPE dsv4_requests_rejected_total counter", f"dsv4_requests_rejected_total {self.rejected}",
         ]
+        lines += self._block_lines(g["cache_blocks"])
         lines += self.ttft.lines("dsv4_time_to_first_token_seconds", "Time from arrival to the first token.")
         lines += self.itl.lines("dsv4_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
         lines += self.step.lines("dsv4_engine_step_seconds", "Duration of one engine step (one forward call).")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _block_lines(blocks: dict[str, dict[str, Any]]) -> list[str]:
+        """Per-kind block gauges: the pool (the same on every rank), reserved per rank, in use on rank 0."""
+        pool = ["# HELP dsv4_cache_blocks_pool Blocks of each cache kind in one rank's pool.",
+                "# TYPE dsv4_cache_blocks_pool gauge"]
+        res = ["# HELP dsv4_cache_blocks_reserved Blocks of each kind reserved (peak per sequence) on each rank.",
+               "# TYPE dsv4_cache_blocks_reserved gauge"]
+        use = ["# HELP dsv4_cache_blocks_in_use Blocks of each kind held by sequences on rank 0.",
+               "# TYPE dsv4_cache_blocks_in_use gauge"]
+        for kind, b in blocks.items():
+            pool.append(f'dsv4_cache_blocks_pool{{kind="{kind}"}} {b["pool"]}')
+            res += [f'dsv4_cache_blocks_reserved{{kind="{kind}",rank="{r}"}} {n}' for r, n in enumerate(b["reserved"])]
+            use.append(f'dsv4_cache_blocks_in_use{{kind="{kind}",rank="0"}} {b["in_use"]}')
+        return pool + res + use

@@ -71,7 +71,9 @@ class StepExecutor:
         import numpy as np
 
         for sid in plan.release:
-            self.caches.pop(sid, None)
+            cache = self.caches.pop(sid, None)
+            if cache is not None:  # its blocks go back to the pools before this step allocates
+                self.model.caches.release(cache)
             self.specs.pop(sid, None)
             self.rngs.pop(sid, None)
         for spec in plan.add:
@@ -114,7 +116,7 @@ class LocalRunner:
     def __init__(self, model: Any):
         self.executor = StepExecutor(model, 0)
 
-    def owner_for(self, loads: list[int]) -> int:
+    def owner_for(self, loads: list[int], ranks: list[int]) -> int:
         return 0
 
     def step(self, plan: StepPlan) -> dict[int, TokenResult]:
@@ -135,9 +137,9 @@ class DistributedRunner:
         self.rank, self.world, self.ctrl = rank, world, ctrl
         self.closed = False
 
-    def owner_for(self, loads: list[int]) -> int:
-        """The least loaded rank (sequences it holds)."""
-        return min(range(self.world), key=lambda r: (loads[r], r))
+    def owner_for(self, loads: list[int], ranks: list[int]) -> int:
+        """The least loaded (sequences it holds) of `ranks`, those with cache room."""
+        return min(ranks, key=lambda r: (loads[r], r))
 
     def step(self, plan: StepPlan) -> dict[int, TokenResult]:
         import torch.distributed as dist

@@ -1,0 +1,302 @@
+"""`dsv4 serve` bounds memory by the paged cache manager's blocks: the admission budget's peak-block arithmetic
+against the real manager driven through prefill chunks and decode, and an in-process server with a small
+--cache-tokens (built by the same functions `dsv4 serve` uses) that makes the extra requests wait."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import threading
+import time
+import types
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from ascend.backends import get_backend
+from common.config import load_preset
+from common.generate import SamplingParams, generate
+from common.loading import load_model
+from common.model import Model
+from common.paged_cache import (
+    CacheFull,
+    PagedCacheManager,
+    _blocks,
+    kind_block_size,
+    layer_kinds,
+    peak_blocks,
+    sequence_peak_blocks,
+)
+from tools.serve.budget import SERVE_BLOCK_SIZE, BlockBudget, serve_pools
+from tools.serve.runner import DistributedRunner, LocalRunner
+
+MODEL = "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(MODEL)
+
+
+def model_with(lm, pools: dict[str, int]) -> Model:
+    return Model(lm.cfg, lm.weights, get_backend("cpu"), mtp=False, block_size=SERVE_BLOCK_SIZE, num_blocks=pools)
+
+
+def watch_peaks(mgr: PagedCacheManager, seen: dict[str, int], on_trim=None) -> None:
+    """Record the blocks in use at each trim: the moment after a forward's allocations, before sliding kinds shrink."""
+    trim = mgr.trim
+
+    def hooked(seq, group):
+        for k, n in mgr.blocks_in_use().items():
+            seen[k] = max(seen.get(k, 0), n)
+        if on_trim is not None:
+            on_trim()
+        trim(seq, group)
+
+    mgr.trim = hooked
+
+
+@pytest.mark.parametrize("preset", ["tiny-chat", "bench-small"])
+def test_peak_blocks_equals_the_maximum_over_every_call_position(preset):
+    """The shortcut (positions below window/groups + one period) against all positions p of [0, L)."""
+    cfg = load_preset(preset)[0]
+    kinds = {k.name: k for i in range(cfg.n_layers) for k in layer_kinds(cfg, i)}
+    for bs in (16, 128):
+        for length in (1, 17, 33, 100, 300):
+            for chunk in (1, 7, 16, 64, 512):
+                for name, k in kinds.items():
+                    b = kind_block_size(k, bs, 16)
+                    if k.by == "entry":  # never trimmed: the entries of the whole sequence
+                        brute = _blocks(0, length // k.ratio, b)
+                    else:
+                        brute = max(_blocks(k.live_rows(p, cfg.window)[0], p + min(chunk, length - p), b)
+                                    for p in range(length))
+                    assert peak_blocks(k, length, chunk, cfg.window, b) == brute, (name, length, chunk)
+
+
+def schedule(length: int, chunk: int, decode: int) -> list[int]:
+    """Call sizes of an engine-like run: the prompt in chunks of `chunk`, then `decode` single tokens."""
+    prompt = length - decode
+    return [min(chunk, prompt - a) for a in range(0, prompt, chunk)] + [1] * decode
+
+
+@pytest.mark.parametrize("lengths,chunk", [((40,), 1), ((77,), 8), ((130,), 64), ((61,), 512),
+                                           ((50, 93, 20), 16), ((130, 7, 64), 48)])
+def test_reserved_peak_covers_the_manager_and_exactly_the_pool_suffices(lm, lengths, chunk):
+    """Sequences run together (every call holds one chunk of each) in pools of exactly the sum of their
+    reserved peaks: no CacheFull, and the blocks in use never exceed the reservations."""
+    cfg = lm.cfg
+    need = [sequence_peak_blocks(cfg, n, chunk, SERVE_BLOCK_SIZE) for n in lengths]
+    pools = {k: sum(d[k] for d in need) for k in need[0]}
+    model = model_with(lm, pools)
+    assert [model.caches.peak_blocks(n, chunk) for n in lengths] == need  # the manager's view is the same
+    seen: dict[str, int] = {}
+    watch_peaks(model.caches, seen)
+    plans = [schedule(n, chunk, min(8, n // 4)) for n in lengths]
+    caches = [model.new_cache() for _ in lengths]
+    tok = 2
+    for step in range(max(len(p) for p in plans)):
+        live = [(c, p[step]) for c, p in zip(caches, plans, strict=True) if step < len(p)]
+        ids = []
+        for _, n in live:
+            ids.append(list(range(tok, tok + n)))
+            tok = 2 + (tok + n) % 1000
+        model.forward([c for c, _ in live], ids)  # raises CacheFull if the reservation were short
+    assert [c.pos for c in caches] == list(lengths)
+    assert all(seen[k] <= pools[k] for k in pools), (seen, pools)
+    for c in caches:
+        model.caches.release(c)
+    assert not any(model.caches.blocks_in_use().values())
+
+
+def worst_schedule(kind, length: int, chunk: int, window: int, bs: int) -> list[int]:
+    """A call-size split of `length` tokens that reaches `kind`'s peak (chunks of <= `chunk` up to the worst
+    position, then the largest call there; entry kinds peak at the end of any split)."""
+    if not kind.sliding:
+        return schedule(length, chunk, 0)
+    best, at = -1, 0
+    for p in range(length):
+        n = _blocks(kind.live_rows(p, window)[0], p + min(chunk, length - p), bs)
+        if n > best:
+            best, at = n, p
+    return schedule(at, chunk, 0) + [min(chunk, length - at)]
+
+
+@pytest.mark.parametrize("length,chunk", [(77, 8), (130, 64), (45, 1)])
+def test_one_block_less_is_refused_up_front_and_would_hit_cache_full(lm, length, chunk):
+    """The reservation is tight: with one block less of any kind the budget refuses the request (400), and the
+    manager, driven through that kind's worst split, indeed runs out."""
+    cfg = lm.cfg
+    need = sequence_peak_blocks(cfg, length, chunk, SERVE_BLOCK_SIZE)
+    for kind, n in need.items():
+        pools = dict(need, **{kind: n - 1})
+        model = model_with(lm, pools)
+        budget = BlockBudget(model.caches, chunk, 1, 1000)
+        why = budget.too_large(length)
+        assert why is not None and f"{n} {kind} blocks" in why and "--cache-tokens" in why
+        for m in (1, length // 3, length - 1):  # shorter requests: refused exactly when some kind does not fit
+            fits = all(v <= pools[q] for q, v in sequence_peak_blocks(cfg, m, chunk, SERVE_BLOCK_SIZE).items())
+            assert (budget.too_large(m) is None) == fits
+        k = model.caches.kinds[kind]
+        cache = model.new_cache()
+        with pytest.raises(CacheFull, match=kind):
+            for n_call in worst_schedule(k, length, chunk, cfg.window, model.caches.kind_bs(kind)):
+                model.forward([cache], [[5] * n_call])
+        model.caches.release(cache)
+
+
+def test_budget_accounts_per_rank_and_owner_prefers_a_rank_with_room(lm):
+    cfg = lm.cfg
+    pools = serve_pools(cfg, 200, 100, 16, 2)
+    mgr = PagedCacheManager(cfg, get_backend("cpu"), block_size=SERVE_BLOCK_SIZE, num_blocks=pools)
+    budget = BlockBudget(mgr, 16, world=2, cache_tokens=200)
+    runner = DistributedRunner(types.SimpleNamespace(B=None), 0, 2, None)
+    loads = [0, 0]
+    owners = []
+    for sid in range(6):  # each rank holds two sequences of 100 tokens (+ slack below one more)
+        rooms = budget.ranks_with_room(100)
+        if not rooms:
+            break
+        owner = runner.owner_for(loads, rooms)
+        budget.allocate(sid, 100, owner)
+        loads[owner] += 1
+        owners.append(owner)
+    assert owners == [0, 1, 0, 1]
+    budget.release(0)
+    assert budget.ranks_with_room(100) == [0]
+    assert runner.owner_for([1, 0], [0]) == 0  # the less loaded rank 1 has no room
+    st = budget.stats()
+    assert st["cache_used_tokens"] == 300 and st["cache_capacity_tokens"] == 400
+    assert st["cache_blocks"]["swa"]["reserved"] == [budget.need(100)["swa"], 2 * budget.need(100)["swa"]]
+    assert 0 < st["cache_usage_ratio"] <= 1
+    with pytest.raises(RuntimeError, match="no room"):
+        budget.allocate(9, 100, 1)
+
+
+# ---- a server with a small --cache-tokens -------------------------------------------------------------------
+
+class SlowRunner(LocalRunner):
+    """A LocalRunner whose steps take a little longer, so the waiting requests certainly arrive while the pool
+    is full."""
+
+    def step(self, plan):
+        time.sleep(0.02)
+        return super().step(plan)
+
+
+@contextlib.contextmanager
+def cli_built_server(lm, **flags):
+    """`dsv4 serve`'s own build_model / build_engine on a port of this process (the HTTP layer of the CLI)."""
+    from tools.serve.api import create_app
+    from tools.serve.cli import build_engine, build_model, job_from_args
+
+    args = argparse.Namespace(model=MODEL, backend="cpu", dtype=None, device="cpu", soc=None, moe_comm="auto",
+                              host="127.0.0.1", port=0, max_num_seqs=4, max_model_len=512, max_batched_tokens=16,
+                              max_waiting=None, cache_tokens=None, api_key=None, served_model_name=None,
+                              dist_timeout=60.0, nproc=None)
+    for k, v in flags.items():
+        setattr(args, k, v)
+    job = job_from_args(args)
+    logs: list[str] = []
+    model = build_model(job, lm, get_backend("cpu"), logs.append)
+    engine, scfg = build_engine(job, model, lm.tokenizer, SlowRunner(model))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, lm.tokenizer, scfg), log_level="warning"))
+    engine.start()
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    port = sock.getsockname()[1]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield port, engine, model, logs
+    finally:
+        server.should_exit = True
+        th.join(30)
+        engine.stop()
+        sock.close()
+
+
+def test_small_cache_tokens_makes_requests_wait_and_bounds_memory(lm):
+    prompts = [[0, 7 + i, 400 + 11 * i, 33] for i in range(4)]
+    max_tokens = 56  # 60 tokens of context each: two fit the pools of --cache-tokens 64, the others wait
+    ref = Model(lm.cfg, lm.weights, get_backend("cpu"))
+    expect = [generate(ref, [p], SamplingParams(max_new_tokens=max_tokens, stop_on_eos=False)).output_ids[0]
+              for p in prompts]
+    with cli_built_server(lm, cache_tokens=64) as (port, engine, model, logs):
+        assert any("cache pool for 64 tokens of context" in m and "MiB" in m for m in logs), logs
+        pools = dict(model.caches.capacity)
+        seen: dict[str, int] = {}
+        over: list[str] = []
+        most = {"running": 0, "waiting": 0}
+
+        def check() -> None:  # engine thread, inside a forward: nothing else moves the reservations
+            st = engine.stats()
+            for k, b in st["cache_blocks"].items():
+                if model.caches.blocks_in_use()[k] > sum(b["reserved"]) or sum(b["reserved"]) > b["pool"]:
+                    over.append(k)
+            most["running"] = max(most["running"], st["running"])
+            most["waiting"] = max(most["waiting"], st["waiting"])
+
+        watch_peaks(model.caches, seen, check)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120.0, max_retries=0)
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                results[i] = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens,
+                                                  temperature=0, extra_body={"ignore_eos": True}).choices[0].token_ids
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors and [results.get(i) for i in range(4)] == expect
+        assert most["running"] == 2 and most["waiting"] >= 1, most  # two at a time, the others waited
+        assert not over and all(seen[k] <= pools[k] for k in seen)
+        assert dict(model.caches.capacity) == pools  # fixed: never grew
+        deadline = time.monotonic() + 30  # the finished sequences' blocks go back with the engine's next plan
+        while time.monotonic() < deadline:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+            if 'dsv4_cache_blocks_in_use{kind="swa",rank="0"} 0' in text:
+                break
+            time.sleep(0.05)
+        assert "dsv4_cache_used_tokens 0" in text and "dsv4_cache_bytes_in_use 0" in text, text
+        assert f'dsv4_cache_blocks_pool{{kind="swa"}} {pools["swa"]}' in text
+        # a request whose own peak exceeds the whole pool: 400, OpenAI body naming --cache-tokens
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30.0,
+                       json={"model": MODEL, "prompt": [0, 5, 6, 7], "max_tokens": 400})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "--cache-tokens 64" in err["message"], err
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model=MODEL, prompt=[0, 5, 6, 7], max_tokens=400)
+
+
+def test_printed_pool_bytes_are_plans_accounting(lm):
+    """The start-up bytes (the manager's storages) equal what `dsv4 plan`'s accounting (CacheFormat, float32 for
+    the CPU reference) gives for the same blocks."""
+    from common.paged_cache import cache_format
+    from tools.serve.budget import describe_pools
+
+    cfg = lm.cfg
+    pools = serve_pools(cfg, 1000, 300, 32, 3)
+    mgr = PagedCacheManager(cfg, get_backend("cpu"), block_size=SERVE_BLOCK_SIZE, num_blocks=pools)
+    fmt = cache_format(cfg, "float32")
+    expect = sum(n * mgr.kind_bs(k) * fmt.row_bytes(cfg, mgr.kinds[k]) * len(mgr.kind_layers[k])
+                 for k, n in pools.items())
+    assert sum(n * mgr.block_bytes(k) for k, n in pools.items()) == expect
+    assert describe_pools(mgr, 1000).endswith(f"; {expect / 2**20:.1f} MiB")
+    assert BlockBudget(mgr, 32, 1, 1000).stats()["cache_bytes_total"] == expect
