@@ -139,10 +139,11 @@ def run_concurrent(port: int, prompts, refs, max_tokens: int, clients: int, dura
 
 
 def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int]) -> dict[int, float]:
-    """The most continuous batching can give this workload on this machine, measured in this process on the NumPy
+    """What continuous batching can give this workload on this machine, estimated in this process on the NumPy
     reference after the server is gone: one at a time a request costs prefill(prompt) + max_tokens decode steps
     at batch 1; with C clients, prefill(prompt) + max_tokens shares of a batch-C decode step (prefill is already
-    a batched product, so batching does not shrink it). -> {C: ceiling ratio}."""
+    a matrix product over the prompt, so batching shrinks it little). The server can beat it slightly: it packs
+    prompt chunks beside decode rows, where they share the expert weight reads. -> {C: estimated ratio}."""
     from ascend.backends import get_backend
     from common.loading import load_model
     from common.model import Model
@@ -226,10 +227,11 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     if not args.no_ceiling and "--backend" not in args.server_arg:
-        print("batching ceiling of this workload (NumPy reference, measured here after the server stopped):")
+        print("what batching can give this workload (NumPy reference, prefill + decode steps timed here after the "
+              "server stopped):")
         for c, cap in ceiling(args.model, prompts, args.max_tokens, conc).items():
             got = dict(results).get(c)
-            print(f"  {c:3d} clients: at most {cap:.2f}x one-at-a-time"
+            print(f"  {c:3d} clients: about {cap:.2f}x one-at-a-time"
                   + (f"; served {got:.2f}x = {got / cap:.0%} of it" if got else ""), flush=True)
     print("all requests completed, greedy tokens identical to dsv4 generate" if not failed else "FAILED")
     return 1 if failed else 0
