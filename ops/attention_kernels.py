@@ -344,15 +344,23 @@ class AttentionKernels:
         r, W = max(int(cmp_ratio), 1), int(ori_win_left) + 1
         return q, shape, cu, sk, obt, cbt, sel_all, r, W
 
+    @staticmethod
+    def _cmp_visible(s: np.ndarray, qpos: np.ndarray, r: int) -> np.ndarray:
+        """Selected compressed indices s [rows, K] with those a row at qpos [rows] may not read set to -1
+        (cmp_mask_mode 3: entry j is readable once (j + 1) * ratio <= p + 1)."""
+        return np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)
+
     def _sparse_attn_requests(self, cu: np.ndarray, sk: np.ndarray, obt: np.ndarray, cbt: np.ndarray | None,
-                              ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int, W: int) -> Iterator[tuple]:
+                              ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int, W: int,
+                              skip_single: bool = False) -> Iterator[tuple]:
         """Per request with queries: (row range a, e, query positions, its window keys gathered from the paged raw
         cache, their positions, the compressed entries it may read, their ratio, local selected indices or None).
-        Shared by this golden and every kernel lowering of sparse_attn_sharedkv."""
+        Shared by this golden and every kernel lowering of sparse_attn_sharedkv. skip_single: leave out the
+        requests with exactly one query row (those `_sparse_attn_decode_plan` batches)."""
         for b in range(len(sk)):
             a, e = int(cu[b]), int(cu[b + 1])
             n = e - a
-            if n <= 0:
+            if n <= 0 or (skip_single and n == 1):
                 continue
             L = int(sk[b])
             qpos = np.arange(L - n, L)
@@ -361,8 +369,7 @@ class AttentionKernels:
             comp, sel, ratio = None, None, r
             if cmp_kv is not None:
                 if sel_all is not None:
-                    s = sel_all[a:e, 0]
-                    s = np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)  # cmp_mask_mode 3
+                    s = self._cmp_visible(sel_all[a:e, 0], qpos, r)
                     used = np.unique(s[s >= 0])
                     if len(used):
                         # only the selected entries are read; local indices keep visibility exact because
@@ -372,6 +379,57 @@ class AttentionKernels:
                 elif L // r:
                     comp = self._gather(cmp_kv, cbt, b, np.arange(L // r))
             yield a, e, qpos, keys, kpos, comp, ratio, sel
+
+    def _sparse_attn_decode_plan(self, cu: np.ndarray, sk: np.ndarray, obt: np.ndarray, cbt: np.ndarray | None,
+                                 ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int,
+                                 W: int) -> tuple | None:
+        """The requests with exactly one query row (decode), all at once, as host slot ids: (request ids [R],
+        their query rows [R], flat slot ids into ori_kv of their window keys [R, Sw] and a validity mask,
+        flat slot ids into cmp_kv of the compressed entries they read [R, Sc] and a mask, or None, None).
+        Row k reads exactly the keys `_sparse_attn_requests` gives that request alone, in the same order
+        (window by position, then the read compressed entries by index, each once); masked ids are padding."""
+        reqs = np.nonzero(cu[1:] - cu[:-1] == 1)[0]
+        if not len(reqs):
+            return None
+        rows, L = cu[reqs], sk[reqs]
+        qpos = L - 1
+        # a single query at p sees raw positions (p - W, p]: L - W .. L - 1, fewer at the start of a sequence
+        Sw = int(min(W, L.max()))
+        kpos = np.maximum(L - W, 0)[:, None] + np.arange(Sw)
+        win_ok = kpos < L[:, None]
+        win_ids = self._flat_slots(obt, reqs, np.where(win_ok, kpos, 0), int(ori_kv.shape[1]))
+        cmp_ids = cmp_ok = None
+        if cmp_kv is not None:
+            if sel_all is not None:
+                s = self._cmp_visible(sel_all[rows, 0], qpos, r)
+                big = np.iinfo(np.int64).max
+                j = np.sort(np.where(s >= 0, s, big), axis=1)  # ascending, as np.unique orders them alone
+                cmp_ok = j != big
+                cmp_ok[:, 1:] &= j[:, 1:] != j[:, :-1]  # a repeated index is read once
+            else:
+                J = L // r
+                j = np.broadcast_to(np.arange(int(J.max())), (len(reqs), int(J.max())))
+                cmp_ok = j < J[:, None]
+            cols = np.nonzero(cmp_ok.any(axis=0))[0]
+            Sc = int(cols[-1]) + 1 if len(cols) else 0
+            j, cmp_ok = j[:, :Sc], cmp_ok[:, :Sc]
+            cmp_ids = self._flat_slots(cbt, reqs, np.where(cmp_ok, j, 0), int(cmp_kv.shape[1]))
+        return reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok
+
+    @staticmethod
+    def _flat_slots(table: np.ndarray, reqs: np.ndarray, rows: np.ndarray, bs: int) -> np.ndarray:
+        """Flat slot ids (block * bs + offset) of rows [R, S] of requests reqs [R] through their block tables."""
+        return table[reqs[:, None], rows // bs] * bs + rows % bs
+
+    # backends that attend all single-row (decode) requests of one call in one batched product set this and
+    # implement _sparse_attn_decode (see NumpyBackend); the others run each request alone
+    batched_decode = False
+
+    def _sparse_attn_decode(self, q: Any, ori_kv: Any, win_ids: np.ndarray, win_ok: np.ndarray, cmp_kv: Any,
+                            cmp_ids: np.ndarray | None, cmp_ok: np.ndarray | None, sinks: Any,
+                            scale: float) -> Any:
+        """q [R, H, D], one query row per request, attending the keys at the valid slot ids of each row."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched decode attention")
 
     def sparse_attn_sharedkv(self, q: Any, *, ori_kv: Any = None, cmp_kv: Any = None, ori_sparse_indices: Any = None,
                              cmp_sparse_indices: Any = None, ori_block_table: Any = None, cmp_block_table: Any = None,
@@ -394,13 +452,24 @@ class AttentionKernels:
             q, ori_kv, cmp_kv, ori_sparse_indices, cmp_sparse_indices, ori_block_table, cmp_block_table,
             cu_seqlens_q, seqused_kv, metadata, cmp_ratio, ori_mask_mode, cmp_mask_mode, ori_win_left, ori_win_right,
             layout_q, layout_kv, return_softmax_lse)
-        outs = []
+        dec = self._sparse_attn_decode_plan(cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W) \
+            if self.batched_decode else None
+        pieces = []  # (first row, output rows), put back in row order
+        if dec is not None:
+            reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok = dec
+            dec_out = self._sparse_attn_decode(q[self._idx(rows)], ori_kv, win_ids, win_ok, cmp_kv, cmp_ids,
+                                               cmp_ok, sinks, float(softmax_scale))
+            pieces += [(int(a), dec_out[k:k + 1]) for k, a in enumerate(rows.tolist())]
         for a, e, qpos, keys, kpos, comp, ratio, sel in self._sparse_attn_requests(
-                cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W):
+                cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W, skip_single=dec is not None):
             o = self.sparse_attention(q[a:e], self._idx(qpos), keys, self._idx(kpos), W, comp, ratio,
                                       None if sel is None else self._idx(sel), sinks, float(softmax_scale))
-            outs.append(o)
-        out = self.cat(outs) if outs else q[:0]
+            pieces.append((a, o))
+        if dec is not None and len(pieces) == len(rows):  # decode only: already in row order
+            out = dec_out
+        else:
+            pieces.sort(key=lambda p: p[0])
+            out = self.cat([p for _, p in pieces]) if pieces else q[:0]
         if layout_q == "BSND":
             out = out.reshape(shape)
         return out, self.zeros((int(q.shape[0]), int(q.shape[1])))

@@ -49,6 +49,18 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def _sink_softmax_values(s: np.ndarray, mask: np.ndarray, keys: np.ndarray, sinks: np.ndarray) -> np.ndarray:
+    """Attention output from scaled scores s [R, H, S] over keys [S, D] (shared by the rows) or [R, S, D] (one
+    set per row; K = V): softmax over the keys where mask [R, S], the per-head sink in the denominator only."""
+    R, H, S = s.shape
+    s = np.where(mask[:, None, :], s, -np.inf)
+    m = np.maximum(np.max(s, axis=-1), sinks[None, :])
+    p = np.exp(s - m[..., None])
+    denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
+    o = (p.reshape(-1, S) @ keys).reshape(R, H, -1) if keys.ndim == 2 else np.matmul(p, keys)
+    return o / denom[..., None]
+
+
 def dense(w: Any) -> np.ndarray:
     """A float32 [N, K] view of a weight: plain arrays pass through, quantized weights dequantize."""
     if isinstance(w, np.ndarray):
@@ -213,13 +225,28 @@ class NumpyBackend(AttentionKernels):
                     mask = np.concatenate([mask, cmask], axis=1)
             qb = q[a:b].reshape(-1, D)
             s = (qb @ keys.T).reshape(b - a, H, -1) * F32(scale)
-            s = np.where(mask[:, None, :], s, -np.inf)
-            m = np.maximum(np.max(s, axis=-1), sinks[None, :])
-            p = np.exp(s - m[..., None])
-            denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
-            o = (p.reshape(-1, keys.shape[0]) @ keys).reshape(b - a, H, D)
-            out[a:b] = o / denom[..., None]
+            out[a:b] = _sink_softmax_values(s, mask, keys, sinks)
         return out
+
+    # sparse_attn_sharedkv attends all single-row requests of a call in one batched product (below)
+    batched_decode = True
+
+    def _sparse_attn_decode(self, q, ori_kv, win_ids, win_ok, cmp_kv, cmp_ids, cmp_ok, sinks, scale):
+        """q [R, H, D]: row k attends the keys at the valid slot ids of its row (window keys, then compressed
+        entries); the keys go into one zero-padded [R, S, D] block whose padding the mask hides."""
+        R, H, D = q.shape
+        parts = [(ori_kv, win_ids, win_ok)] + ([] if cmp_ids is None else [(cmp_kv, cmp_ids, cmp_ok)])
+        S = sum(ids.shape[1] for _, ids, _ in parts)
+        keys = np.zeros((R, S, D), dtype=np.result_type(*(c for c, _, _ in parts)))
+        c0 = 0
+        for cache, ids, ok in parts:
+            flat = cache.reshape(-1, D)
+            # only valid slots are read: padding ids may point at released (null) blocks
+            keys[:, c0:c0 + ids.shape[1]][ok] = flat[ids[ok]]
+            c0 += ids.shape[1]
+        mask = np.concatenate([ok for _, _, ok in parts], axis=1)
+        s = np.matmul(q, keys.transpose(0, 2, 1)) * F32(scale)
+        return _sink_softmax_values(s, mask, keys, sinks.astype(F32))
 
     # ---- MoE -----------------------------------------------------------------------------------
     def moe_gate(self, x, weight, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):
