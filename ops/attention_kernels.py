@@ -152,48 +152,67 @@ class AttentionKernels:
         kv = self.linear(x, wkv)
         sc = self.linear(x, wgate)
         sbs = int(state_cache.shape[1])
-        outs, n_out = [], 0
-        for b in range(len(sp)):
-            a, n = int(cu[b]), int(cu[b + 1] - cu[b]) if used is None else int(used[b])
-            s = int(sp[b])
-            if n <= 0:
-                continue
-            pos = np.arange(s, s + n)
-            rows = self.cat([kv[a:a + n], sc[a:a + n] + ape[self._idx(pos % r)]], axis=1)
-            blk, off = self._slots(st, b, pos, sbs)
+        # all requests at once (host index arithmetic, then one write, one gather per half, one pooling): every
+        # token's state row goes to its position's slot; every group that closes in this call is one entry
+        n = (cu[1:] - cu[:-1]) if used is None else used[: len(sp)]
+        live = np.nonzero(n > 0)[0]
+        tb, k = self._ragged(live, n[live])  # per token: its request, its index in the request's rows
+        tok, pos = cu[tb] + k, sp[tb] + k
+        if len(tok):
+            all_rows = len(tok) == int(x.shape[0]) and bool((tok == np.arange(len(tok))).all())
+            kv_t, sc_t = (kv, sc) if all_rows else (kv[self._idx(tok)], sc[self._idx(tok)])
+            rows = self.cat([kv_t, sc_t + ape[self._idx(pos % r)]], axis=1)
+            blk, off = self._slots(st, tb, pos, sbs)
             state_cache[self._idx(blk), self._idx(off)] = self._cast(rows, state_cache)
-            g0, g1 = s // r, (s + n) // r
-            G = g1 - g0
-            if G == 0:
-                continue
-            cur = self._gather(state_cache, st, b, (np.arange(g0, g1)[:, None] * r + np.arange(r)).reshape(-1))
-            cur = cur.reshape(G, r, 2 * cD)
-            if coff == 2:
-                parts_kv, parts_sc = [], []
-                if g0 == 0:  # no group before the first: zero keys with -inf scores (weight 0)
-                    parts_kv.append(self.zeros((1, r, D)))
-                    parts_sc.append(self.full((1, r, D), float("-inf")))
-                lo = max(g0, 1)
-                if g1 > lo:
-                    prev = self._gather(state_cache, st, b,
-                                        (np.arange(lo - 1, g1 - 1)[:, None] * r + np.arange(r)).reshape(-1))
-                    prev = prev.reshape(g1 - lo, r, 2 * cD)
-                    parts_kv.append(prev[:, :, :D])
-                    parts_sc.append(prev[:, :, cD:cD + D])
-                cand_kv = self.cat([self.cat(parts_kv), cur[:, :, D:cD]], axis=1)
-                cand_sc = self.cat([self.cat(parts_sc), cur[:, :, cD + D:]], axis=1)
-            else:
-                cand_kv, cand_sc = cur[:, :, :cD], cur[:, :, cD:]
-            ent = self.rms_norm(self.compress(cand_kv, cand_sc), norm_weight, norm_eps)
-            half = rope_head_dim // 2
-            cos = rope_cos.reshape(N, rope_head_dim)[n_out:n_out + G, :half]
-            sin = rope_sin.reshape(N, rope_head_dim)[n_out:n_out + G, :half]
-            outs.append(self.rope(ent, cos, sin))
-            n_out += G
-        _need(n_out <= N, f"compressor: {n_out} entries close but rope_cos has {N} rows")
-        if n_out < N:
-            outs.append(self.zeros((N - n_out, D)))
-        return self.cat(outs) if outs else self.zeros((0, D))
+        g0 = sp[live] // r
+        gb, gk = self._ragged(live, (sp[live] + n[live]) // r - g0)  # per closing group: request, index
+        grp = sp[gb] // r + gk
+        NG = len(grp)
+        _need(NG <= N, f"compressor: {NG} entries close but rope_cos has {N} rows")
+        if NG == 0:
+            return self.zeros((N, D))
+        cur = self._group_rows(state_cache, st, gb, grp, r, sbs)
+        if coff == 2:
+            # the previous group's first half; before the first group: zero keys with -inf scores (weight 0)
+            first = grp == 0
+            prev = None if first.all() else self._group_rows(state_cache, st, gb[~first], grp[~first] - 1, r, sbs)
+            prev_kv = None if prev is None else prev[:, :, :D]
+            prev_sc = None if prev is None else prev[:, :, cD:cD + D]
+            if first.any():
+                nz = int(first.sum())
+                prev_kv = self.cat(([] if prev is None else [prev_kv]) + [self.zeros((nz, r, D))])
+                prev_sc = self.cat(([] if prev is None else [prev_sc]) + [self.full((nz, r, D), float("-inf"))])
+                if prev is not None:  # back to group order: the groups with a previous half first, then the rest
+                    order = np.empty(NG, dtype=np.int64)
+                    order[~first] = np.arange(NG - nz)
+                    order[first] = NG - nz + np.arange(nz)
+                    prev_kv, prev_sc = prev_kv[self._idx(order)], prev_sc[self._idx(order)]
+            cand_kv = self.cat([prev_kv, cur[:, :, D:cD]], axis=1)
+            cand_sc = self.cat([prev_sc, cur[:, :, cD + D:]], axis=1)
+        else:
+            cand_kv, cand_sc = cur[:, :, :cD], cur[:, :, cD:]
+        ent = self.rms_norm(self.compress(cand_kv, cand_sc), norm_weight, norm_eps)
+        half = rope_head_dim // 2
+        cos = rope_cos.reshape(N, rope_head_dim)[:NG, :half]
+        sin = rope_sin.reshape(N, rope_head_dim)[:NG, :half]
+        out = self.rope(ent, cos, sin)
+        return out if NG == N else self.cat([out, self.zeros((N - NG, D))])
+
+    @staticmethod
+    def _ragged(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id repeated by its count, with the running index 0..count-1 of each repeat."""
+        counts = np.maximum(counts, 0)
+        rep = np.repeat(ids, counts)
+        k = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rep, k
+
+    def _group_rows(self, state_cache: Any, table: np.ndarray, reqs: np.ndarray, groups: np.ndarray, r: int,
+                    bs: int) -> Any:
+        """The r state rows of group groups[i] of request reqs[i], from the paged state cache: [G, r, width]."""
+        p = groups[:, None] * r + np.arange(r)
+        blk, off = self._slots(table, reqs[:, None], p, bs)
+        flat = state_cache.reshape(int(state_cache.shape[0]) * bs, -1)
+        return flat[self._idx((blk * bs + off).reshape(-1))].reshape(len(groups), r, -1)
 
     # ---- lightning indexer -------------------------------------------------------------------------------------
     def quant_lightning_indexer_metadata(self, num_heads_q: int, num_heads_k: int, head_dim: int,

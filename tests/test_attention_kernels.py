@@ -298,3 +298,48 @@ def test_sparse_attn_sharedkv_batched_decode_equals_per_request(mode):
         want = _dense_attention(q[a:e], np.arange(L - nq[b], L), raw[b], comp[b][:L // ratio] if cbt_b is not None
                                 else [], ratio, None if sel is None else sel[a:e, 0], W, sinks, 0.3)
         np.testing.assert_allclose(out[a:e], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio,coff", [(4, 2), (8, 1)])
+def test_compressor_requests_together_equal_each_alone(ratio, coff):
+    """One compressor call over several requests (all written and pooled at once: a prefill chunk from 0,
+    decode rows that close a group and that do not, a chunk in the middle, an empty request) gives each
+    request's entries, in request order, and state rows exactly as calling it alone."""
+    rng = np.random.default_rng(4)
+    H, D, Rd, bs = 24, 16, 8, 16
+    start, n = [0, 3, 2 * ratio - 1, 5, 10, ratio - 1], [2 * ratio + 1, 1, 1, 0, 7, 1]
+    T = sum(n)
+    # small integers and eighths: the projections are exact whatever rows a product covers, so the rest
+    # (per-row writes, per-group pooling) must agree bit for bit
+    x = rng.integers(-3, 4, (T, H)).astype(np.float32)
+    wkv, wgate = (rng.integers(-4, 5, (coff * D, H)).astype(np.float32) / 8 for _ in range(2))
+    ape = rng.standard_normal((ratio, coff * D), dtype=np.float32)
+    norm_w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, Rd, 2, dtype=np.float32) / Rd)).astype(np.float32)
+    ang = np.arange(64, dtype=np.float32)[:, None] * inv
+    cos_t, sin_t = np.concatenate([np.cos(ang)] * 2, 1), np.concatenate([np.sin(ang)] * 2, 1)
+    B = len(n)
+    table = 1 + rng.permutation(3 * B).reshape(B, 3).astype(np.int32)  # 3 state pages per request
+    kv_table = np.arange(B, dtype=np.int32)[:, None]
+    state0 = rng.standard_normal((1 + 3 * B, bs, 2 * coff * D)).astype(np.float32)  # earlier rows: history
+
+    def call(state, rows, b_ids, cu, sp):
+        N = min(len(rows), len(rows) // ratio + len(b_ids))
+        cos, sin, _ = R.compressor_metadata(cos_t, sin_t, cu, sp, kv_table[b_ids], bs, SLOT_FLAT, ratio, N,
+                                            len(b_ids))
+        return R.compressor(x[rows], wkv, wgate, state, ape, norm_w, sin, cos, table[b_ids], cu, None, sp, Rd,
+                            ratio, coff, 1e-6, 2, 1)
+
+    cu = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    together = state0.copy()
+    out = call(together, np.arange(T), np.arange(B), cu, np.array(start, np.int32))
+    alone, want = state0.copy(), []
+    for b in range(B):
+        o = call(alone, np.arange(cu[b], cu[b + 1]), np.array([b]), np.array([0, n[b]], np.int32),
+                 np.array([start[b]], np.int32))
+        want.append(o[: (start[b] + n[b]) // ratio - start[b] // ratio])
+    want = np.concatenate(want)
+    assert len(want) >= 4 and out.shape[0] > len(want)  # several entries close, then padding rows
+    np.testing.assert_array_equal(out[: len(want)], want)
+    assert not out[len(want):].any()
+    np.testing.assert_array_equal(together, alone)
