@@ -476,8 +476,9 @@ class AttentionKernels:
         pieces = []  # (first row, output rows), put back in row order
         if dec is not None:
             reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok = dec
-            dec_out = self._sparse_attn_decode(q[self._idx(rows)], ori_kv, win_ids, win_ok, cmp_kv, cmp_ids,
-                                               cmp_ok, sinks, float(softmax_scale))
+            all_rows = len(rows) == int(q.shape[0])  # rows ascend within [0, T): then they are all of q
+            dec_out = self._sparse_attn_decode(q if all_rows else q[self._idx(rows)], ori_kv, win_ids, win_ok,
+                                               cmp_kv, cmp_ids, cmp_ok, sinks, float(softmax_scale))
             pieces += [(int(a), dec_out[k:k + 1]) for k, a in enumerate(rows.tolist())]
         for a, e, qpos, keys, kpos, comp, ratio, sel in self._sparse_attn_requests(
                 cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W, skip_single=dec is not None):
