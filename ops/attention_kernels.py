@@ -152,48 +152,67 @@ class AttentionKernels:
         kv = self.linear(x, wkv)
         sc = self.linear(x, wgate)
         sbs = int(state_cache.shape[1])
-        outs, n_out = [], 0
-        for b in range(len(sp)):
-            a, n = int(cu[b]), int(cu[b + 1] - cu[b]) if used is None else int(used[b])
-            s = int(sp[b])
-            if n <= 0:
-                continue
-            pos = np.arange(s, s + n)
-            rows = self.cat([kv[a:a + n], sc[a:a + n] + ape[self._idx(pos % r)]], axis=1)
-            blk, off = self._slots(st, b, pos, sbs)
+        # all requests at once (host index arithmetic, then one write, one gather per half, one pooling): every
+        # token's state row goes to its position's slot; every group that closes in this call is one entry
+        n = (cu[1:] - cu[:-1]) if used is None else used[: len(sp)]
+        live = np.nonzero(n > 0)[0]
+        tb, k = self._ragged(live, n[live])  # per token: its request, its index in the request's rows
+        tok, pos = cu[tb] + k, sp[tb] + k
+        if len(tok):
+            all_rows = len(tok) == int(x.shape[0]) and bool((tok == np.arange(len(tok))).all())
+            kv_t, sc_t = (kv, sc) if all_rows else (kv[self._idx(tok)], sc[self._idx(tok)])
+            rows = self.cat([kv_t, sc_t + ape[self._idx(pos % r)]], axis=1)
+            blk, off = self._slots(st, tb, pos, sbs)
             state_cache[self._idx(blk), self._idx(off)] = self._cast(rows, state_cache)
-            g0, g1 = s // r, (s + n) // r
-            G = g1 - g0
-            if G == 0:
-                continue
-            cur = self._gather(state_cache, st, b, (np.arange(g0, g1)[:, None] * r + np.arange(r)).reshape(-1))
-            cur = cur.reshape(G, r, 2 * cD)
-            if coff == 2:
-                parts_kv, parts_sc = [], []
-                if g0 == 0:  # no group before the first: zero keys with -inf scores (weight 0)
-                    parts_kv.append(self.zeros((1, r, D)))
-                    parts_sc.append(self.full((1, r, D), float("-inf")))
-                lo = max(g0, 1)
-                if g1 > lo:
-                    prev = self._gather(state_cache, st, b,
-                                        (np.arange(lo - 1, g1 - 1)[:, None] * r + np.arange(r)).reshape(-1))
-                    prev = prev.reshape(g1 - lo, r, 2 * cD)
-                    parts_kv.append(prev[:, :, :D])
-                    parts_sc.append(prev[:, :, cD:cD + D])
-                cand_kv = self.cat([self.cat(parts_kv), cur[:, :, D:cD]], axis=1)
-                cand_sc = self.cat([self.cat(parts_sc), cur[:, :, cD + D:]], axis=1)
-            else:
-                cand_kv, cand_sc = cur[:, :, :cD], cur[:, :, cD:]
-            ent = self.rms_norm(self.compress(cand_kv, cand_sc), norm_weight, norm_eps)
-            half = rope_head_dim // 2
-            cos = rope_cos.reshape(N, rope_head_dim)[n_out:n_out + G, :half]
-            sin = rope_sin.reshape(N, rope_head_dim)[n_out:n_out + G, :half]
-            outs.append(self.rope(ent, cos, sin))
-            n_out += G
-        _need(n_out <= N, f"compressor: {n_out} entries close but rope_cos has {N} rows")
-        if n_out < N:
-            outs.append(self.zeros((N - n_out, D)))
-        return self.cat(outs) if outs else self.zeros((0, D))
+        g0 = sp[live] // r
+        gb, gk = self._ragged(live, (sp[live] + n[live]) // r - g0)  # per closing group: request, index
+        grp = sp[gb] // r + gk
+        NG = len(grp)
+        _need(NG <= N, f"compressor: {NG} entries close but rope_cos has {N} rows")
+        if NG == 0:
+            return self.zeros((N, D))
+        cur = self._group_rows(state_cache, st, gb, grp, r, sbs)
+        if coff == 2:
+            # the previous group's first half; before the first group: zero keys with -inf scores (weight 0)
+            first = grp == 0
+            prev = None if first.all() else self._group_rows(state_cache, st, gb[~first], grp[~first] - 1, r, sbs)
+            prev_kv = None if prev is None else prev[:, :, :D]
+            prev_sc = None if prev is None else prev[:, :, cD:cD + D]
+            if first.any():
+                nz = int(first.sum())
+                prev_kv = self.cat(([] if prev is None else [prev_kv]) + [self.zeros((nz, r, D))])
+                prev_sc = self.cat(([] if prev is None else [prev_sc]) + [self.full((nz, r, D), float("-inf"))])
+                if prev is not None:  # back to group order: the groups with a previous half first, then the rest
+                    order = np.empty(NG, dtype=np.int64)
+                    order[~first] = np.arange(NG - nz)
+                    order[first] = NG - nz + np.arange(nz)
+                    prev_kv, prev_sc = prev_kv[self._idx(order)], prev_sc[self._idx(order)]
+            cand_kv = self.cat([prev_kv, cur[:, :, D:cD]], axis=1)
+            cand_sc = self.cat([prev_sc, cur[:, :, cD + D:]], axis=1)
+        else:
+            cand_kv, cand_sc = cur[:, :, :cD], cur[:, :, cD:]
+        ent = self.rms_norm(self.compress(cand_kv, cand_sc), norm_weight, norm_eps)
+        half = rope_head_dim // 2
+        cos = rope_cos.reshape(N, rope_head_dim)[:NG, :half]
+        sin = rope_sin.reshape(N, rope_head_dim)[:NG, :half]
+        out = self.rope(ent, cos, sin)
+        return out if NG == N else self.cat([out, self.zeros((N - NG, D))])
+
+    @staticmethod
+    def _ragged(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id repeated by its count, with the running index 0..count-1 of each repeat."""
+        counts = np.maximum(counts, 0)
+        rep = np.repeat(ids, counts)
+        k = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rep, k
+
+    def _group_rows(self, state_cache: Any, table: np.ndarray, reqs: np.ndarray, groups: np.ndarray, r: int,
+                    bs: int) -> Any:
+        """The r state rows of group groups[i] of request reqs[i], from the paged state cache: [G, r, width]."""
+        p = groups[:, None] * r + np.arange(r)
+        blk, off = self._slots(table, reqs[:, None], p, bs)
+        flat = state_cache.reshape(int(state_cache.shape[0]) * bs, -1)
+        return flat[self._idx((blk * bs + off).reshape(-1))].reshape(len(groups), r, -1)
 
     # ---- lightning indexer -------------------------------------------------------------------------------------
     def quant_lightning_indexer_metadata(self, num_heads_q: int, num_heads_k: int, head_dim: int,
@@ -344,15 +363,23 @@ class AttentionKernels:
         r, W = max(int(cmp_ratio), 1), int(ori_win_left) + 1
         return q, shape, cu, sk, obt, cbt, sel_all, r, W
 
+    @staticmethod
+    def _cmp_visible(s: np.ndarray, qpos: np.ndarray, r: int) -> np.ndarray:
+        """Selected compressed indices s [rows, K] with those a row at qpos [rows] may not read set to -1
+        (cmp_mask_mode 3: entry j is readable once (j + 1) * ratio <= p + 1)."""
+        return np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)
+
     def _sparse_attn_requests(self, cu: np.ndarray, sk: np.ndarray, obt: np.ndarray, cbt: np.ndarray | None,
-                              ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int, W: int) -> Iterator[tuple]:
+                              ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int, W: int,
+                              skip_single: bool = False) -> Iterator[tuple]:
         """Per request with queries: (row range a, e, query positions, its window keys gathered from the paged raw
         cache, their positions, the compressed entries it may read, their ratio, local selected indices or None).
-        Shared by this golden and every kernel lowering of sparse_attn_sharedkv."""
+        Shared by this golden and every kernel lowering of sparse_attn_sharedkv. skip_single: leave out the
+        requests with exactly one query row (those `_sparse_attn_decode_plan` batches)."""
         for b in range(len(sk)):
             a, e = int(cu[b]), int(cu[b + 1])
             n = e - a
-            if n <= 0:
+            if n <= 0 or (skip_single and n == 1):
                 continue
             L = int(sk[b])
             qpos = np.arange(L - n, L)
@@ -361,8 +388,7 @@ class AttentionKernels:
             comp, sel, ratio = None, None, r
             if cmp_kv is not None:
                 if sel_all is not None:
-                    s = sel_all[a:e, 0]
-                    s = np.where((s >= 0) & ((s + 1) * r <= qpos[:, None] + 1), s, -1)  # cmp_mask_mode 3
+                    s = self._cmp_visible(sel_all[a:e, 0], qpos, r)
                     used = np.unique(s[s >= 0])
                     if len(used):
                         # only the selected entries are read; local indices keep visibility exact because
@@ -372,6 +398,57 @@ class AttentionKernels:
                 elif L // r:
                     comp = self._gather(cmp_kv, cbt, b, np.arange(L // r))
             yield a, e, qpos, keys, kpos, comp, ratio, sel
+
+    def _sparse_attn_decode_plan(self, cu: np.ndarray, sk: np.ndarray, obt: np.ndarray, cbt: np.ndarray | None,
+                                 ori_kv: Any, cmp_kv: Any, sel_all: np.ndarray | None, r: int,
+                                 W: int) -> tuple | None:
+        """The requests with exactly one query row (decode), all at once, as host slot ids: (request ids [R],
+        their query rows [R], flat slot ids into ori_kv of their window keys [R, Sw] and a validity mask,
+        flat slot ids into cmp_kv of the compressed entries they read [R, Sc] and a mask, or None, None).
+        Row k reads exactly the keys `_sparse_attn_requests` gives that request alone, in the same order
+        (window by position, then the read compressed entries by index, each once); masked ids are padding."""
+        reqs = np.nonzero(cu[1:] - cu[:-1] == 1)[0]
+        if not len(reqs):
+            return None
+        rows, L = cu[reqs], sk[reqs]
+        qpos = L - 1
+        # a single query at p sees raw positions (p - W, p]: L - W .. L - 1, fewer at the start of a sequence
+        Sw = int(min(W, L.max()))
+        kpos = np.maximum(L - W, 0)[:, None] + np.arange(Sw)
+        win_ok = kpos < L[:, None]
+        win_ids = self._flat_slots(obt, reqs, np.where(win_ok, kpos, 0), int(ori_kv.shape[1]))
+        cmp_ids = cmp_ok = None
+        if cmp_kv is not None:
+            if sel_all is not None:
+                s = self._cmp_visible(sel_all[rows, 0], qpos, r)
+                big = np.iinfo(np.int64).max
+                j = np.sort(np.where(s >= 0, s, big), axis=1)  # ascending, as np.unique orders them alone
+                cmp_ok = j != big
+                cmp_ok[:, 1:] &= j[:, 1:] != j[:, :-1]  # a repeated index is read once
+            else:
+                J = L // r
+                j = np.broadcast_to(np.arange(int(J.max())), (len(reqs), int(J.max())))
+                cmp_ok = j < J[:, None]
+            cols = np.nonzero(cmp_ok.any(axis=0))[0]
+            Sc = int(cols[-1]) + 1 if len(cols) else 0
+            j, cmp_ok = j[:, :Sc], cmp_ok[:, :Sc]
+            cmp_ids = self._flat_slots(cbt, reqs, np.where(cmp_ok, j, 0), int(cmp_kv.shape[1]))
+        return reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok
+
+    @staticmethod
+    def _flat_slots(table: np.ndarray, reqs: np.ndarray, rows: np.ndarray, bs: int) -> np.ndarray:
+        """Flat slot ids (block * bs + offset) of rows [R, S] of requests reqs [R] through their block tables."""
+        return table[reqs[:, None], rows // bs] * bs + rows % bs
+
+    # backends that attend all single-row (decode) requests of one call in one batched product set this and
+    # implement _sparse_attn_decode (see NumpyBackend); the others run each request alone
+    batched_decode = False
+
+    def _sparse_attn_decode(self, q: Any, ori_kv: Any, win_ids: np.ndarray, win_ok: np.ndarray, cmp_kv: Any,
+                            cmp_ids: np.ndarray | None, cmp_ok: np.ndarray | None, sinks: Any,
+                            scale: float) -> Any:
+        """q [R, H, D], one query row per request, attending the keys at the valid slot ids of each row."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched decode attention")
 
     def sparse_attn_sharedkv(self, q: Any, *, ori_kv: Any = None, cmp_kv: Any = None, ori_sparse_indices: Any = None,
                              cmp_sparse_indices: Any = None, ori_block_table: Any = None, cmp_block_table: Any = None,
@@ -394,13 +471,25 @@ class AttentionKernels:
             q, ori_kv, cmp_kv, ori_sparse_indices, cmp_sparse_indices, ori_block_table, cmp_block_table,
             cu_seqlens_q, seqused_kv, metadata, cmp_ratio, ori_mask_mode, cmp_mask_mode, ori_win_left, ori_win_right,
             layout_q, layout_kv, return_softmax_lse)
-        outs = []
+        dec = self._sparse_attn_decode_plan(cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W) \
+            if self.batched_decode else None
+        pieces = []  # (first row, output rows), put back in row order
+        if dec is not None:
+            reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok = dec
+            all_rows = len(rows) == int(q.shape[0])  # rows ascend within [0, T): then they are all of q
+            dec_out = self._sparse_attn_decode(q if all_rows else q[self._idx(rows)], ori_kv, win_ids, win_ok,
+                                               cmp_kv, cmp_ids, cmp_ok, sinks, float(softmax_scale))
+            pieces += [(int(a), dec_out[k:k + 1]) for k, a in enumerate(rows.tolist())]
         for a, e, qpos, keys, kpos, comp, ratio, sel in self._sparse_attn_requests(
-                cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W):
+                cu, sk, obt, cbt, ori_kv, cmp_kv, sel_all, r, W, skip_single=dec is not None):
             o = self.sparse_attention(q[a:e], self._idx(qpos), keys, self._idx(kpos), W, comp, ratio,
                                       None if sel is None else self._idx(sel), sinks, float(softmax_scale))
-            outs.append(o)
-        out = self.cat(outs) if outs else q[:0]
+            pieces.append((a, o))
+        if dec is not None and len(pieces) == len(rows):  # decode only: already in row order
+            out = dec_out
+        else:
+            pieces.sort(key=lambda p: p[0])
+            out = self.cat([p for _, p in pieces]) if pieces else q[:0]
         if layout_q == "BSND":
             out = out.reshape(shape)
         return out, self.zeros((int(q.shape[0]), int(q.shape[1])))

@@ -62,6 +62,28 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def _sink_softmax_values(s: np.ndarray, mask: np.ndarray, keys: np.ndarray | list[np.ndarray],
+                         sinks: np.ndarray) -> np.ndarray:
+    """Attention output from scaled scores s [R, H, S] over keys [S, D] (shared by the rows), or a list of
+    per-row key blocks [R, S_i, D] that together make the S (K = V): softmax over the keys where mask [R, S],
+    the per-head sink in the denominator only."""
+    R, H, S = s.shape
+    s = np.where(mask[:, None, :], s, -np.inf)
+    m = np.maximum(np.max(s, axis=-1), sinks[None, :])
+    p = np.exp(s - m[..., None])
+    denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
+    if isinstance(keys, np.ndarray):
+        o = (p.reshape(-1, S) @ keys).reshape(R, H, -1)
+    else:
+        o, c0 = None, 0
+        for k in keys:
+            part = np.matmul(p[..., c0:c0 + k.shape[1]], k)
+            o = part if o is None else o + part
+            c0 += k.shape[1]
+    o /= denom[..., None]
+    return o
+
+
 def dense(w: Any) -> np.ndarray:
     """A float32 [N, K] view of a weight: plain arrays pass through, quantized weights dequantize."""
     if isinstance(w, np.ndarray):
@@ -228,13 +250,51 @@ class NumpyBackend(AttentionKernels):
                     mask = np.concatenate([mask, cmask], axis=1)
             qb = q[a:b].reshape(-1, D)
             s = (qb @ keys.T).reshape(b - a, H, -1) * F32(scale)
-            s = np.where(mask[:, None, :], s, -np.inf)
-            m = np.maximum(np.max(s, axis=-1), sinks[None, :])
-            p = np.exp(s - m[..., None])
-            denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
-            o = (p.reshape(-1, keys.shape[0]) @ keys).reshape(b - a, H, D)
-            out[a:b] = o / denom[..., None]
+            out[a:b] = _sink_softmax_values(s, mask, keys, sinks)
         return out
+
+    # sparse_attn_sharedkv attends all single-row requests of a call together (below)
+    batched_decode = True
+
+    def _sparse_attn_decode(self, q, ori_kv, win_ids, win_ok, cmp_kv, cmp_ids, cmp_ok, sinks, scale):
+        """q [R, H, D]: row k attends the keys at the valid slot ids of its row (window keys, then compressed
+        entries). Rows go in batched products over zero-padded key blocks; rows of similar key counts share a
+        block, so that padding (masked, but multiplied) stays under ~1/4 of the work."""
+        parts = [(ori_kv, win_ids, win_ok)] + ([] if cmp_ids is None else [(cmp_kv, cmp_ids, cmp_ok)])
+        # per row and part: columns up to the last valid one
+        ends = [np.where(ok.any(axis=1), ok.shape[1] - np.argmax(ok[:, ::-1], axis=1), 0) if ok.shape[1]
+                else np.zeros(len(ok), dtype=np.int64) for _, _, ok in parts]
+        cost = sum(ends)
+        order = np.argsort(-cost, kind="stable")
+        out = np.empty(q.shape, dtype=F32)
+        sinks = sinks.astype(F32)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and cost[order[j]] * 4 >= cost[order[i]] * 3:
+                j += 1
+            rows = order[i:j]
+            cols = [int(e[rows].max()) for e in ends]
+            out[rows] = self._attend_rows(q[rows], [(c, ids[rows, :n], ok[rows, :n]) for (c, ids, ok), n
+                                                    in zip(parts, cols, strict=True)], sinks, scale)
+            i = j
+        return out
+
+    @staticmethod
+    def _attend_rows(q: np.ndarray, parts: list, sinks: np.ndarray, scale: float) -> np.ndarray:
+        D = q.shape[-1]
+        # one gather per cache, scored part by part (no concatenated copy); padding ids may point at released
+        # (null) blocks: they read slot 0 and are zeroed, so that a masked key (weight exactly 0) never meets
+        # a non-finite value
+        keys = []
+        for cache, ids, ok in parts:
+            k = cache.reshape(-1, D)[np.where(ok, ids, 0)]
+            k[~ok] = 0
+            keys.append(k)
+        s = np.concatenate([np.matmul(q, k.transpose(0, 2, 1)) for k in keys], axis=-1)
+        s *= F32(scale)
+        mask = np.concatenate([ok for _, _, ok in parts], axis=1)
+        return _sink_softmax_values(s, mask, keys, sinks)
 
     # ---- MoE -----------------------------------------------------------------------------------
     def moe_gate(self, x, weight, bias, tid2eid, ids, topk, score_func, route_scale, norm_topk_prob):

@@ -237,3 +237,109 @@ def test_sparse_attn_sharedkv_against_dense(with_sel):
         R.sparse_attn_sharedkv(q, ori_kv=ori, ori_block_table=obt, cu_seqlens_q=cu,
                                seqused_kv=np.array(lens, np.int32), sinks=sinks, metadata=bad, softmax_scale=0.3,
                                cmp_ratio=ratio, ori_win_left=W - 1, layout_q="TND")
+
+
+@pytest.mark.parametrize("mode", ["sel", "all", "none"])
+def test_sparse_attn_sharedkv_batched_decode_equals_per_request(mode):
+    """The decode rows of a mixed call (single-row requests next to prefill chunks and an empty request) go
+    through one batched product; each request's output equals that request run alone on the per-request path
+    (mode sel: selected compressed entries with repeats, -1 and not-yet-visible picks; all: every visible
+    compressed entry (HCA); none: window only)."""
+    rng = np.random.default_rng(3)
+    H, D, W, ratio, bs, K = 4, 16, 8, 4, 16, 7
+    lens, nq = [40, 7, 23, 3, 9, 1, 30], [1, 7, 1, 1, 0, 1, 5]  # decode rows: L 40 (> W), 23, 3 (< W), 1
+    raw = [rng.standard_normal((L, D)).astype(np.float32) for L in lens]
+    comp = [rng.standard_normal((max(L // ratio, 1), D)).astype(np.float32) for L in lens]
+    ori, obt = _paged(raw, D, bs, rng)
+    cmp, cbt = _paged(comp, D, bs, rng)
+    T = sum(nq)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    sel = None
+    if mode == "sel":
+        sel = np.full((T, 1, K), -1, np.int32)
+        for t in range(T):
+            b = int(np.searchsorted(cu, t, side="right") - 1)
+            pick = rng.integers(0, len(comp[b]) + 2, K - 2)  # some past the visible entries
+            sel[t, 0, : K - 2] = pick
+            sel[t, 0, K - 2] = pick[0]  # a repeated index counts once
+    kw = dict(ori_kv=ori, cmp_kv=None if mode == "none" else cmp, ori_block_table=obt,
+              cmp_block_table=None if mode == "none" else cbt, sinks=sinks, softmax_scale=0.3, cmp_ratio=ratio,
+              ori_win_left=W - 1, layout_q="TND", layout_kv="PA_ND")
+    batched = NumpyBackend()
+    seen = []
+    inner = batched._sparse_attn_decode
+
+    def spy(qr, *args):
+        seen.append(int(qr.shape[0]))
+        return inner(qr, *args)
+
+    batched._sparse_attn_decode = spy
+    out, _ = batched.sparse_attn_sharedkv(q, cmp_sparse_indices=sel, cu_seqlens_q=cu,
+                                          seqused_kv=np.array(lens, np.int32), **kw)
+    assert seen == [sum(n == 1 for n in nq)]  # one batched call over all four decode rows
+    assert out.shape == q.shape
+    alone = NumpyBackend()
+    alone.batched_decode = False
+    whole, _ = alone.sparse_attn_sharedkv(q, cmp_sparse_indices=sel, cu_seqlens_q=cu,
+                                          seqused_kv=np.array(lens, np.int32), **kw)
+    np.testing.assert_allclose(out, whole, rtol=1e-6, atol=1e-6)
+    for b, L in enumerate(lens):
+        a, e = int(cu[b]), int(cu[b + 1])
+        if e == a:
+            continue
+        cbt_b = None if mode == "none" else cbt[b:b + 1]
+        one, _ = alone.sparse_attn_sharedkv(q[a:e], cmp_sparse_indices=None if sel is None else sel[a:e],
+                                            cu_seqlens_q=np.array([0, e - a], np.int32),
+                                            seqused_kv=np.array([L], np.int32),
+                                            **{**kw, "ori_block_table": obt[b:b + 1], "cmp_block_table": cbt_b})
+        np.testing.assert_allclose(out[a:e], one, rtol=1e-6, atol=1e-6)
+        want = _dense_attention(q[a:e], np.arange(L - nq[b], L), raw[b], comp[b][:L // ratio] if cbt_b is not None
+                                else [], ratio, None if sel is None else sel[a:e, 0], W, sinks, 0.3)
+        np.testing.assert_allclose(out[a:e], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio,coff", [(4, 2), (8, 1)])
+def test_compressor_requests_together_equal_each_alone(ratio, coff):
+    """One compressor call over several requests (all written and pooled at once: a prefill chunk from 0,
+    decode rows that close a group and that do not, a chunk in the middle, an empty request) gives each
+    request's entries, in request order, and state rows exactly as calling it alone."""
+    rng = np.random.default_rng(4)
+    H, D, Rd, bs = 24, 16, 8, 16
+    start, n = [0, 3, 2 * ratio - 1, 5, 10, ratio - 1], [2 * ratio + 1, 1, 1, 0, 7, 1]
+    T = sum(n)
+    # small integers and eighths: the projections are exact whatever rows a product covers, so the rest
+    # (per-row writes, per-group pooling) must agree bit for bit
+    x = rng.integers(-3, 4, (T, H)).astype(np.float32)
+    wkv, wgate = (rng.integers(-4, 5, (coff * D, H)).astype(np.float32) / 8 for _ in range(2))
+    ape = rng.standard_normal((ratio, coff * D), dtype=np.float32)
+    norm_w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, Rd, 2, dtype=np.float32) / Rd)).astype(np.float32)
+    ang = np.arange(64, dtype=np.float32)[:, None] * inv
+    cos_t, sin_t = np.concatenate([np.cos(ang)] * 2, 1), np.concatenate([np.sin(ang)] * 2, 1)
+    B = len(n)
+    table = 1 + rng.permutation(3 * B).reshape(B, 3).astype(np.int32)  # 3 state pages per request
+    kv_table = np.arange(B, dtype=np.int32)[:, None]
+    state0 = rng.standard_normal((1 + 3 * B, bs, 2 * coff * D)).astype(np.float32)  # earlier rows: history
+
+    def call(state, rows, b_ids, cu, sp):
+        N = min(len(rows), len(rows) // ratio + len(b_ids))
+        cos, sin, _ = R.compressor_metadata(cos_t, sin_t, cu, sp, kv_table[b_ids], bs, SLOT_FLAT, ratio, N,
+                                            len(b_ids))
+        return R.compressor(x[rows], wkv, wgate, state, ape, norm_w, sin, cos, table[b_ids], cu, None, sp, Rd,
+                            ratio, coff, 1e-6, 2, 1)
+
+    cu = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    together = state0.copy()
+    out = call(together, np.arange(T), np.arange(B), cu, np.array(start, np.int32))
+    alone, want = state0.copy(), []
+    for b in range(B):
+        o = call(alone, np.arange(cu[b], cu[b + 1]), np.array([b]), np.array([0, n[b]], np.int32),
+                 np.array([start[b]], np.int32))
+        want.append(o[: (start[b] + n[b]) // ratio - start[b] // ratio])
+    want = np.concatenate(want)
+    assert len(want) >= 4 and out.shape[0] > len(want)  # several entries close, then padding rows
+    np.testing.assert_array_equal(out[: len(want)], want)
+    assert not out[len(want):].any()
+    np.testing.assert_array_equal(together, alone)
