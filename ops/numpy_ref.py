@@ -25,6 +25,7 @@ ATTN_BLOCK = 64
 
 _GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row (see _x_wt) ...
 _GEMV_BYTES = 16 << 20  # ... of a weight that stays in the last-level cache between rows (not the 128 MiB head)
+_COL_BLOCK = 1024  # output columns per block of a large weight's product over a few rows
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -39,6 +40,13 @@ def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
         for i in range(m):
             np.dot(w, x[i], out=out[i])
+        return out
+    if 2 <= m <= 16 and w.ndim == 2 and w.nbytes > _GEMV_BYTES:
+        # the head over a decode batch: the same products in blocks of output columns, whose slice of the
+        # weight stays cached while BLAS packs it (bench_batch_step: 16 rows x 32768 x 1024, 11.4 -> 9.4 ms)
+        out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
+        for a in range(0, w.shape[0], _COL_BLOCK):
+            np.matmul(x, w[a:a + _COL_BLOCK].T, out=out[:, a:a + _COL_BLOCK])
         return out
     return x @ w.T
 

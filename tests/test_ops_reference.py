@@ -128,3 +128,37 @@ def test_sampling_filters(top_k, top_p):
     draws = {int(sample_numpy(logits, 1.0, top_k, top_p, rng)[0]) for _ in range(400)}
     assert draws == ({0, 1, 2} if top_k == 3 else {0, 1})
     assert sample_numpy(logits, 0.0, 0, 1.0, rng).tolist() == [0]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 6, 7, 16, 40])
+@pytest.mark.parametrize("shape", [(512, 1024), (1024, 512), (4608, 1024)])
+def test_linear_small_row_strategies_match_the_matrix_product(rows, shape):
+    """_x_wt picks per-row matrix-vector products (few rows, cached weight), column blocks (few rows, large
+    weight) or one product; each equals x @ w.T to float32 rounding, and per-row results ignore the other rows."""
+    from ops import numpy_ref
+
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal(shape, dtype=np.float32)
+    x = rng.standard_normal((rows, shape[1]), dtype=np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    got = numpy_ref._x_wt(x, w)
+    assert got.dtype == np.float32 and got.shape == (rows, shape[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if 2 <= rows <= numpy_ref._GEMV_ROWS and w.nbytes <= numpy_ref._GEMV_BYTES:
+        # per-row products: a row's result does not depend on the other rows of the batch
+        other = rng.standard_normal((1, shape[1]), dtype=np.float32)
+        for i in range(rows):
+            assert np.array_equal(got[i], numpy_ref._x_wt(np.concatenate([other, x[i:i + 1]]), w)[1])
+
+
+def test_linear_column_blocks_of_a_large_weight(monkeypatch):
+    """A weight above _GEMV_BYTES with a few rows runs in output-column blocks; the result is the full product."""
+    from ops import numpy_ref
+
+    monkeypatch.setattr(numpy_ref, "_GEMV_BYTES", 1 << 20)  # make a 4.5 MiB weight "large"
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((1152, 1024), dtype=np.float32)  # not a multiple of the column block
+    for rows in (2, 9, 16):
+        x = rng.standard_normal((rows, 1024), dtype=np.float32)
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        np.testing.assert_allclose(numpy_ref._x_wt(x, w), want, rtol=0, atol=1e-5 * np.abs(want).max())
