@@ -12,7 +12,8 @@ Bandwidth and the matrix-product rate are measured in this process (a 256 MB str
 product, and a 1024^3 float32 product), so the floor is this machine's, not a datasheet's.
 
 `--matmul` also prints the small-row matrix product choice of ops/numpy_ref._x_wt (one matrix-vector product per row
-up to _GEMV_ROWS rows) against one BLAS matrix product, over weights too large to stay in cache.
+up to _GEMV_ROWS rows, column blocks of a large weight up to 16 rows) against one BLAS matrix product, over weights
+too many to stay in cache, and over the 128 MiB head of bench-small.
 Figures depend on the machine and its load; nothing here is asserted in tests.
 """
 
@@ -95,12 +96,12 @@ def matmul_table(bw: float) -> None:
     from ops.numpy_ref import _GEMV_ROWS, _x_wt
 
     rng = np.random.default_rng(1)
-    for n, k in ((512, 1024), (1024, 512)):
-        ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(max(4, 160_000_000 // (n * k * 4)))]
+    for n, k in ((512, 1024), (1024, 512), (32768, 1024)):
+        ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(max(2, 160_000_000 // (n * k * 4)))]
         print(f"\nweight [{n}, {k}] ({n * k * 4 / 2**20:.0f} MiB each, {len(ws)} of them, read from memory)")
         print(f"  {'rows':>4s} {'_x_wt ms':>9s} {'x @ w.T ms':>11s}  (floor: one read at {bw:.0f} GB/s = "
               f"{n * k * 4 / bw / 1e6:.3f} ms)")
-        for m in (1, 2, 3, 4, 6, 8, 16):
+        for m in (1, 2, 3, 4, 6, 8, 16, 32):
             x = rng.standard_normal((m, k), dtype=np.float32)
             row = []
             for f in (lambda w, x=x: _x_wt(x, w), lambda w, x=x: x @ w.T):
@@ -111,7 +112,8 @@ def matmul_table(bw: float) -> None:
                     for w in ws:
                         f(w)
                 row.append((time.perf_counter() - t) / 3 / len(ws) * 1e3)
-            note = "per-row" if 2 <= m <= _GEMV_ROWS else ""
+            large = n * k * 4 > 16 << 20
+            note = "per-row" if 2 <= m <= _GEMV_ROWS else "column blocks" if 2 <= m <= 16 and large else ""
             print(f"  {m:4d} {row[0]:9.3f} {row[1]:11.3f}  {note}")
 
 

@@ -23,32 +23,36 @@ _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": 
 ATTN_BLOCK = 64
 
 
-_GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row (see _x_wt) ...
-_GEMV_BYTES = 16 << 20  # ... of a weight that stays in the last-level cache between rows (not the 128 MiB head)
-_COL_BLOCK = 1024  # output columns per block of a large weight's product over a few rows
+_GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row over cache-sized weight blocks
+_CACHED_BYTES = 8 << 20  # a weight block that stays in the last-level cache while every row reads it
+_COL_BLOCK = 1024  # output columns per block of a large weight's product over 7..16 rows
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w.T for a [out, in] weight, in the torch lowering's order (a weight-major product rounds differently,
-    and through W8A8's per-token int8 quantization a last-bit difference flips quantized values). A few rows (an
-    expert's share of a decode batch) run as one matrix-vector product per row: BLAS packs the whole weight for a
-    matrix product, which costs about 3x the weight read that a matrix-vector product is bound by, and the
-    weight stays cached for the following rows
-    (`benchmarks/bench_batch_step.py --matmul`: rows 2..6 of a 2 MiB weight 0.06-0.11 ms against 0.14-0.23 ms)."""
+    and through W8A8's per-token int8 quantization a last-bit difference flips quantized values).
+
+    A decode batch gives few rows per weight (an expert's share of the batch, or 16 rows of the head), where one
+    BLAS matrix product is far off the weight-read bound: it packs the whole weight first. So a few rows run as one
+    matrix-vector product per row over blocks of the weight that stay cached for the next row, and up to 16 rows
+    of a large weight run in blocks of output columns (the same products: bit-identical to one product here).
+    `benchmarks/bench_batch_step.py --matmul` prints both against one product."""
     m = x.shape[0] if x.ndim == 2 else 0
-    if 2 <= m <= _GEMV_ROWS and w.ndim == 2 and w.nbytes <= _GEMV_BYTES:
-        out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
-        for i in range(m):
-            np.dot(w, x[i], out=out[i])
+    if w.ndim != 2 or m < 2 or m > 16:
+        return x @ w.T
+    out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
+    if m <= _GEMV_ROWS:
+        step = max(1, _CACHED_BYTES // max(1, w.shape[1] * w.itemsize))
+        for a in range(0, w.shape[0], step):
+            wb = w[a:a + step]
+            for i in range(m):
+                np.dot(wb, x[i], out=out[i, a:a + step])
         return out
-    if 2 <= m <= 16 and w.ndim == 2 and w.nbytes > _GEMV_BYTES:
-        # the head over a decode batch: the same products in blocks of output columns, whose slice of the
-        # weight stays cached while BLAS packs it (bench_batch_step: 16 rows x 32768 x 1024, 11.4 -> 9.4 ms)
-        out = np.empty((m, w.shape[0]), dtype=np.result_type(x, w))
-        for a in range(0, w.shape[0], _COL_BLOCK):
-            np.matmul(x, w[a:a + _COL_BLOCK].T, out=out[:, a:a + _COL_BLOCK])
-        return out
-    return x @ w.T
+    if w.nbytes <= 2 * _CACHED_BYTES:
+        return x @ w.T
+    for a in range(0, w.shape[0], _COL_BLOCK):
+        np.matmul(x, w[a:a + _COL_BLOCK].T, out=out[:, a:a + _COL_BLOCK])
+    return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -144,21 +144,26 @@ def test_linear_small_row_strategies_match_the_matrix_product(rows, shape):
     got = numpy_ref._x_wt(x, w)
     assert got.dtype == np.float32 and got.shape == (rows, shape[0])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    if 2 <= rows <= numpy_ref._GEMV_ROWS and w.nbytes <= numpy_ref._GEMV_BYTES:
+    if 2 <= rows <= numpy_ref._GEMV_ROWS:
         # per-row products: a row's result does not depend on the other rows of the batch
         other = rng.standard_normal((1, shape[1]), dtype=np.float32)
         for i in range(rows):
             assert np.array_equal(got[i], numpy_ref._x_wt(np.concatenate([other, x[i:i + 1]]), w)[1])
 
 
-def test_linear_column_blocks_of_a_large_weight(monkeypatch):
-    """A weight above _GEMV_BYTES with a few rows runs in output-column blocks; the result is the full product."""
+def test_linear_blocks_of_a_large_weight(monkeypatch):
+    """A weight larger than the cache runs in row blocks (2..6 rows) or output-column blocks (7..16 rows), the last
+    block partial; the result is the full product, and per-row results still ignore the other rows."""
     from ops import numpy_ref
 
-    monkeypatch.setattr(numpy_ref, "_GEMV_BYTES", 1 << 20)  # make a 4.5 MiB weight "large"
+    monkeypatch.setattr(numpy_ref, "_CACHED_BYTES", 1 << 20)  # 256-row blocks; a 4.5 MiB weight is "large"
     rng = np.random.default_rng(7)
-    w = rng.standard_normal((1152, 1024), dtype=np.float32)  # not a multiple of the column block
-    for rows in (2, 9, 16):
+    w = rng.standard_normal((1152, 1024), dtype=np.float32)  # not a multiple of either block
+    x0 = rng.standard_normal((1, 1024), dtype=np.float32)
+    for rows in (2, 5, 9, 16):
         x = rng.standard_normal((rows, 1024), dtype=np.float32)
         want = x.astype(np.float64) @ w.T.astype(np.float64)
-        np.testing.assert_allclose(numpy_ref._x_wt(x, w), want, rtol=0, atol=1e-5 * np.abs(want).max())
+        got = numpy_ref._x_wt(x, w)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        if rows <= numpy_ref._GEMV_ROWS:
+            assert np.array_equal(got[1], numpy_ref._x_wt(np.concatenate([x0, x[1:2]]), w)[1])
