@@ -54,15 +54,21 @@ class AttentionKernels:
         return x.astype(like.dtype) if hasattr(x, "astype") else x.to(like.dtype)
 
     @staticmethod
-    def _slots(table: np.ndarray, b: int, rows: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+    def _slots(table: np.ndarray, b: Any, rows: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block, offset) of rows of request(s) b (an int, or ids broadcasting against rows) through a table."""
         return table[b, rows // bs], rows % bs
 
-    def _gather(self, cache: Any, table: np.ndarray, b: int, rows: np.ndarray) -> Any:
-        """Rows of one sequence from a paged cache [blocks, bs, 1 or W...]: [len(rows), width]."""
+    @classmethod
+    def _flat_slots(cls, table: np.ndarray, b: Any, rows: np.ndarray, bs: int) -> np.ndarray:
+        """Flat slot ids (block * bs + offset), as _slots."""
+        blk, off = cls._slots(table, b, rows, bs)
+        return blk * bs + off
+
+    def _gather(self, cache: Any, table: np.ndarray, b: Any, rows: np.ndarray) -> Any:
+        """Rows of request(s) b from a paged cache [blocks, bs, 1 or W...]: [len(rows), width] (rows 1-D)."""
         bs = int(cache.shape[1])
-        blk, off = self._slots(table, b, rows, bs)
         flat = cache.reshape(int(cache.shape[0]) * bs, -1)
-        return flat[self._idx(blk * bs + off)]
+        return flat[self._idx(self._flat_slots(table, b, rows, bs))]
 
     # ---- scatter ---------------------------------------------------------------------------------------------
     def scatter_update(self, cache: Any, slot_mapping: Any, x: Any) -> None:
@@ -171,11 +177,11 @@ class AttentionKernels:
         _need(NG <= N, f"compressor: {NG} entries close but rope_cos has {N} rows")
         if NG == 0:
             return self.zeros((N, D))
-        cur = self._group_rows(state_cache, st, gb, grp, r, sbs)
+        cur = self._group_rows(state_cache, st, gb, grp, r)
         if coff == 2:
             # the previous group's first half; before the first group: zero keys with -inf scores (weight 0)
             first = grp == 0
-            prev = None if first.all() else self._group_rows(state_cache, st, gb[~first], grp[~first] - 1, r, sbs)
+            prev = None if first.all() else self._group_rows(state_cache, st, gb[~first], grp[~first] - 1, r)
             prev_kv = None if prev is None else prev[:, :, :D]
             prev_sc = None if prev is None else prev[:, :, cD:cD + D]
             if first.any():
@@ -206,13 +212,10 @@ class AttentionKernels:
         k = np.arange(len(rep)) - np.repeat(np.cumsum(counts) - counts, counts)
         return rep, k
 
-    def _group_rows(self, state_cache: Any, table: np.ndarray, reqs: np.ndarray, groups: np.ndarray, r: int,
-                    bs: int) -> Any:
+    def _group_rows(self, state_cache: Any, table: np.ndarray, reqs: np.ndarray, groups: np.ndarray, r: int) -> Any:
         """The r state rows of group groups[i] of request reqs[i], from the paged state cache: [G, r, width]."""
-        p = groups[:, None] * r + np.arange(r)
-        blk, off = self._slots(table, reqs[:, None], p, bs)
-        flat = state_cache.reshape(int(state_cache.shape[0]) * bs, -1)
-        return flat[self._idx((blk * bs + off).reshape(-1))].reshape(len(groups), r, -1)
+        rows = (groups[:, None] * r + np.arange(r)).reshape(-1)
+        return self._gather(state_cache, table, np.repeat(reqs, r), rows).reshape(len(groups), r, -1)
 
     # ---- lightning indexer -------------------------------------------------------------------------------------
     def quant_lightning_indexer_metadata(self, num_heads_q: int, num_heads_k: int, head_dim: int,
@@ -416,7 +419,7 @@ class AttentionKernels:
         Sw = int(min(W, L.max()))
         kpos = np.maximum(L - W, 0)[:, None] + np.arange(Sw)
         win_ok = kpos < L[:, None]
-        win_ids = self._flat_slots(obt, reqs, np.where(win_ok, kpos, 0), int(ori_kv.shape[1]))
+        win_ids = self._flat_slots(obt, reqs[:, None], np.where(win_ok, kpos, 0), int(ori_kv.shape[1]))
         cmp_ids = cmp_ok = None
         if cmp_kv is not None:
             if sel_all is not None:
@@ -432,13 +435,8 @@ class AttentionKernels:
             cols = np.nonzero(cmp_ok.any(axis=0))[0]
             Sc = int(cols[-1]) + 1 if len(cols) else 0
             j, cmp_ok = j[:, :Sc], cmp_ok[:, :Sc]
-            cmp_ids = self._flat_slots(cbt, reqs, np.where(cmp_ok, j, 0), int(cmp_kv.shape[1]))
+            cmp_ids = self._flat_slots(cbt, reqs[:, None], np.where(cmp_ok, j, 0), int(cmp_kv.shape[1]))
         return reqs, rows, win_ids, win_ok, cmp_ids, cmp_ok
-
-    @staticmethod
-    def _flat_slots(table: np.ndarray, reqs: np.ndarray, rows: np.ndarray, bs: int) -> np.ndarray:
-        """Flat slot ids (block * bs + offset) of rows [R, S] of requests reqs [R] through their block tables."""
-        return table[reqs[:, None], rows // bs] * bs + rows % bs
 
     # backends that attend all single-row (decode) requests of one call in one batched product set this and
     # implement _sparse_attn_decode (see NumpyBackend); the others run each request alone
