@@ -278,9 +278,8 @@ class PagedCacheManager:
         return kind_block_size(self.kinds[kind], self.bs, self.state_bs)
 
     def _grow(self, name: str, n: int) -> None:
+        # n may be 0 (a fixed pool of 0 blocks, from __init__): the kind still gets its storages, null block alone
         kind = self.kinds[name]
-        if n <= 0 and (self.kind_layers[name][0], kind.storages[0][0]) in self.storage:
-            return  # a fixed pool of 0 blocks still gets its storages (the null block alone)
         old = self.capacity[name]
         new = old + n
         for layer in self.kind_layers[name]:
