@@ -178,12 +178,17 @@ def test_budget_accounts_per_rank_and_owner_prefers_a_rank_with_room(lm):
 
 # ---- a server with a small --cache-tokens -------------------------------------------------------------------
 
-class SlowRunner(LocalRunner):
-    """A LocalRunner whose steps take a little longer, so the waiting requests certainly arrive while the pool
-    is full."""
+class GatedRunner(LocalRunner):
+    """A LocalRunner whose steps wait for `gate` (open by default): a test closes it, sends its requests and
+    opens it once the engine holds them all, so that they meet full pools whatever the machine's load."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.gate.set()
 
     def step(self, plan):
-        time.sleep(0.02)
+        assert self.gate.wait(120), "the test never opened the gate"
         return super().step(plan)
 
 
@@ -202,7 +207,7 @@ def cli_built_server(lm, **flags):
     job = job_from_args(args)
     logs: list[str] = []
     model = build_model(job, lm, get_backend("cpu"), logs.append)
-    engine, scfg = build_engine(job, model, lm.tokenizer, SlowRunner(model))
+    engine, scfg = build_engine(job, model, lm.tokenizer, GatedRunner(model))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, lm.tokenizer, scfg), log_level="warning"))
@@ -258,9 +263,17 @@ def test_small_cache_tokens_makes_requests_wait_and_bounds_memory(lm):
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
+        engine.runner.gate.clear()
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 120  # all four reach the engine before a second step runs
+        while time.monotonic() < deadline:
+            st = engine.stats()
+            if st["running"] + st["waiting"] == 4:
+                break
+            time.sleep(0.02)
+        engine.runner.gate.set()
         for t in threads:
             t.join(180)
         assert not errors and [results.get(i) for i in range(4)] == expect
