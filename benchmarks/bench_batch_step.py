@@ -72,24 +72,32 @@ class Counter:
         self.flops = 0
 
 
-def step_figures(model, counter: Counter, B: int, steps: int, rng) -> dict:
-    be = model.B
-    caches = [model.new_cache() for _ in range(B)]
-    prompts = [[0] + rng.integers(2, min(model.cfg.vocab_size, 30000), int(n) - 1).tolist()
-               for n in np.linspace(8, 64, B).astype(int)]
+def decode_step(model, prompts: list[list[int]], steps: int, counter: Counter | None = None) -> dict:
+    """Prefill `prompts` (one sequence each), then time decode steps of one token per sequence, packed in one
+    forward call as the serving engine does: {"ms": median ms per step, "bytes", "flops": of one step (with a
+    counter)}. bench_serve.py times its workload's steps with it too."""
+    caches = [model.new_cache() for _ in prompts]
     out = model.forward(caches, prompts)
-    toks = [[int(np.argmax(be.to_numpy(lg)[-1]))] for lg in out.logits]
+    toks = [[int(np.argmax(model.B.to_numpy(lg)[-1]))] for lg in out.logits]
     model.forward(caches, toks)  # warm: first decode step allocates blocks
-    counter.reset()
-    model.forward(caches, toks)
-    nbytes, flops = sum(counter.seen.values()), counter.flops
+    figures = {}
+    if counter is not None:  # one step's reads and FLOPs, before the timed steps add theirs
+        counter.reset()
+        model.forward(caches, toks)
+        figures.update(bytes=sum(counter.seen.values()), flops=counter.flops)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         model.forward(caches, toks)
         times.append(time.perf_counter() - t)
-    del caches
-    return {"ms": 1e3 * float(np.median(times)), "bytes": nbytes, "flops": flops}
+    figures["ms"] = 1e3 * float(np.median(times))
+    return figures
+
+
+def step_figures(model, counter: Counter, B: int, steps: int, rng) -> dict:
+    prompts = [[0] + rng.integers(2, min(model.cfg.vocab_size, 30000), int(n) - 1).tolist()
+               for n in np.linspace(8, 64, B).astype(int)]
+    return decode_step(model, prompts, steps, counter)
 
 
 def matmul_table(bw: float) -> None:

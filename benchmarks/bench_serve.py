@@ -144,6 +144,8 @@ def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[in
     at batch 1; with C clients, prefill(prompt) + max_tokens shares of a batch-C decode step (prefill is already
     a matrix product over the prompt, so batching shrinks it little). The server can beat it slightly: it packs
     prompt chunks beside decode rows, where they share the expert weight reads. -> {C: estimated ratio}."""
+    from bench_batch_step import decode_step  # this directory (run as a script)
+
     from ascend.backends import get_backend
     from common.loading import load_model
     from common.model import Model
@@ -159,16 +161,7 @@ def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[in
         return time.perf_counter() - t
 
     def step(b: int) -> float:
-        caches = [m.new_cache() for _ in range(b)]
-        ps = [prompts[i % len(prompts)] for i in range(b)]
-        m.forward(caches, ps)
-        m.forward(caches, [[5]] * b)
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter()
-            m.forward(caches, [[5]] * b)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+        return decode_step(m, [prompts[i % len(prompts)] for i in range(b)], 5)["ms"] / 1e3
 
     pre = statistics.mean(prefill(p) for p in prompts)
     one = pre + max_tokens * step(1)
