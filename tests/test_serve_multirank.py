@@ -69,6 +69,22 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def assert_blocks_in_use_on_both_ranks(client: openai.OpenAI, port: int) -> None:
+    """Two long streams at once land on both ranks (the less loaded one takes the second); while they run,
+    /metrics shows cache blocks in use on rank 1 too (reported with each step's token gather)."""
+    streams = [client.completions.create(model=MODEL, prompt=[0, 19923, 400], max_tokens=240, temperature=0,
+                                         stream=True) for _ in range(2)]
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (seen.get("0") and seen.get("1")):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        for rank, n in re.findall(r'dsv4_cache_blocks_in_use\{kind="[a-z0-9_]+",rank="(\d)"\} (\d+)', text):
+            seen[rank] = max(seen.get(rank, 0), int(n))
+    tokens = [sum(len(c.choices[0].token_ids) for c in st if c.choices) for st in streams]
+    assert seen.get("0") and seen.get("1"), seen
+    assert tokens == [240, 240]
+
+
 def test_deploy_torchrun_serves_on_two_ranks_and_stops_cleanly(tmp_path, capsys):
     out, port = tmp_path / "deploy", free_port()
     assert dsv4_main(["deploy", "--model", MODEL, "--cluster", str(ROOT / "configs/clusters/cpu-loopback-2.yaml"),
@@ -95,6 +111,7 @@ def test_deploy_torchrun_serves_on_two_ranks_and_stops_cleanly(tmp_path, capsys)
         assert dsv4_main(["generate", "--model", MODEL, "--prompt-ids", "0,19923,400", "--max-new-tokens", "4",
                           "--json"]) == 0
         assert streamed == json.loads(capsys.readouterr().out)["output_ids"]
+        assert_blocks_in_use_on_both_ranks(client, port)
         proc.send_signal(signal.SIGTERM)  # to the script: it stops the ranks and waits for torchrun
         assert proc.wait(90) == 0, log.text
         assert "dsv4 serve: stopped" in log.text

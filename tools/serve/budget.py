@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from common.paged_cache import MAIN, sequence_peak_blocks
@@ -48,7 +49,10 @@ def describe_pools(manager: Any, cache_tokens: int) -> str:
 class BlockBudget:
     """Per-rank reservations of peak blocks per kind against fixed pools (the engine's CacheBudget)."""
 
-    def __init__(self, manager: Any, chunk: int, world: int = 1, cache_tokens: int = 0):
+    def __init__(self, manager: Any, chunk: int, world: int = 1, cache_tokens: int = 0,
+                 in_use: Callable[[], list[dict[str, int]]] | None = None):
+        """`in_use`: blocks per kind held on each rank (the runner's `blocks_in_use`); default: this manager's, as
+        rank 0 of one."""
         if not manager.fixed:
             raise ValueError("a block budget needs fixed pools (PagedCacheManager num_blocks)")
         self.mgr = manager
@@ -61,6 +65,7 @@ class BlockBudget:
         self._reserved = [dict.fromkeys(self.pool, 0) for _ in range(world)]
         self._tokens = 0
         self.need = functools.lru_cache(maxsize=4096)(self._need)
+        self._in_use = in_use or (lambda: [manager.blocks_in_use()])
 
     def _need(self, n_tokens: int) -> dict[str, int]:
         """Peak blocks per kind of a sequence whose context grows to `n_tokens` (the engine feeds at most that)."""
@@ -102,12 +107,12 @@ class BlockBudget:
             self._tokens -= tokens
 
     def stats(self) -> dict[str, Any]:
-        """Gauges: tokens reserved, blocks per kind (pool per rank, reserved per rank, in use on this rank: the
-        engine's rank 0), bytes, and the usage ratio of the tightest pool."""
+        """Gauges: tokens reserved, blocks per kind (pool per rank, reserved and in use per rank), bytes (one
+        rank's pools; in use over all ranks), and the usage ratio of the tightest pool."""
         with self._lock:
             reserved = [dict(r) for r in self._reserved]
             tokens = self._tokens
-        in_use = self.mgr.blocks_in_use()
+        in_use = self._in_use()
         block_bytes = {k: self.mgr.block_bytes(k) for k in self.pool}
         ratio = max((sum(r[k] for r in reserved) / (self.pool[k] * self.world) for k in self.pool if self.pool[k]),
                     default=0.0)
@@ -116,7 +121,7 @@ class BlockBudget:
             "cache_used_tokens": tokens,
             "cache_usage_ratio": ratio,
             "cache_bytes_total": sum(self.pool[k] * block_bytes[k] for k in self.pool),
-            "cache_bytes_in_use": sum(in_use.get(k, 0) * block_bytes[k] for k in self.pool),
+            "cache_bytes_in_use": sum(u.get(k, 0) * block_bytes[k] for u in in_use for k in self.pool),
             "cache_blocks": {k: {"pool": self.pool[k], "reserved": [r[k] for r in reserved],
-                                 "in_use": in_use.get(k, 0)} for k in self.pool},
+                                 "in_use": [u.get(k, 0) for u in in_use]} for k in self.pool},
         }

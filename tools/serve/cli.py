@@ -92,7 +92,7 @@ def build_engine(job: ServeJob, model: Any, tokenizer: Any, runner: Any) -> tupl
     cfg = model.cfg
     max_len, cache = serve_limits(job, cfg)
     eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, (list, tuple, set)) else [cfg.eos_token_id]
-    budget = BlockBudget(model.caches, job.max_batched_tokens, runner.world, cache)
+    budget = BlockBudget(model.caches, job.max_batched_tokens, runner.world, cache, runner.blocks_in_use)
     engine = Engine(runner, budget, tokenizer, [e for e in eos if e is not None],
                     job.max_num_seqs, max_len, job.max_batched_tokens, job.max_waiting, log=_log)
     scfg = ServeConfig(job.served_model_name or _default_name(job.model), max_len, cfg.vocab_size, cfg.bos_token_id,

@@ -71,7 +71,7 @@ class Metrics:
             "# TYPE dsv4_cache_used_tokens gauge", f"dsv4_cache_used_tokens {g['cache_used_tokens']}",
             "# HELP dsv4_cache_bytes_total Bytes of one rank's cache pools.",
             "# TYPE dsv4_cache_bytes_total gauge", f"dsv4_cache_bytes_total {g['cache_bytes_total']}",
-            "# HELP dsv4_cache_bytes_in_use Bytes of the cache blocks sequences hold on rank 0.",
+            "# HELP dsv4_cache_bytes_in_use Bytes of the cache blocks sequences hold, all ranks.",
             "# TYPE dsv4_cache_bytes_in_use gauge", f"dsv4_cache_bytes_in_use {g['cache_bytes_in_use']}",
             "# HELP dsv4_generation_tokens_total Tokens generated.",
             "# TYPE dsv4_generation_tokens_total counter", f"dsv4_generation_tokens_total {self.generated_tokens}",
@@ -92,15 +92,16 @@ class Metrics:
 
     @staticmethod
     def _block_lines(blocks: dict[str, dict[str, Any]]) -> list[str]:
-        """Per-kind block gauges: the pool (the same on every rank), reserved per rank, in use on rank 0."""
+        """Per-kind block gauges: the pool (the same on every rank), reserved and in use per rank."""
         pool = ["# HELP dsv4_cache_blocks_pool Blocks of each cache kind in one rank's pool.",
                 "# TYPE dsv4_cache_blocks_pool gauge"]
         res = ["# HELP dsv4_cache_blocks_reserved Blocks of each kind reserved (peak per sequence) on each rank.",
                "# TYPE dsv4_cache_blocks_reserved gauge"]
-        use = ["# HELP dsv4_cache_blocks_in_use Blocks of each kind held by sequences on rank 0.",
+        use = ["# HELP dsv4_cache_blocks_in_use Blocks of each kind held by sequences on each rank (ranks other "
+               "than 0: as of the last engine step).",
                "# TYPE dsv4_cache_blocks_in_use gauge"]
         for kind, b in blocks.items():
             pool.append(f'dsv4_cache_blocks_pool{{kind="{kind}"}} {b["pool"]}')
             res += [f'dsv4_cache_blocks_reserved{{kind="{kind}",rank="{r}"}} {n}' for r, n in enumerate(b["reserved"])]
-            use.append(f'dsv4_cache_blocks_in_use{{kind="{kind}",rank="0"}} {b["in_use"]}')
+            use += [f'dsv4_cache_blocks_in_use{{kind="{kind}",rank="{r}"}} {n}' for r, n in enumerate(b["in_use"])]
         return pool + res + use

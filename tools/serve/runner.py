@@ -4,7 +4,8 @@
 `LocalRunner` drives one executor in this process; `DistributedRunner` (rank 0) broadcasts each step's plan to
 every rank, all ranks run the same step in lockstep (attention data parallel: a sequence lives on one rank;
 MoE expert parallel through ascend.ep.EPBackend, so every rank runs one forward per step, zero tokens when it
-holds nothing), and rank 0 gathers the sampled tokens. `worker_loop` is the other ranks' side.
+holds nothing), and rank 0 gathers the sampled tokens with each rank's cache blocks in use (for /metrics, in the
+gather the step makes anyway). `worker_loop` is the other ranks' side.
 
 Sampling reproduces `dsv4 generate` for one prompt: each request has its own numpy Generator seeded with its seed,
 and the backend's sampler draws one uniform per row, so a request's tokens do not depend on the rest of the batch.
@@ -107,6 +108,10 @@ class StepExecutor:
             top = [(int(i), float(z[i] - lse)) for i in idx]
         return TokenResult(tok, float(z[tok] - lse), top)
 
+    def blocks_in_use(self) -> dict[str, int]:
+        """Blocks per cache kind that this rank's sequences hold."""
+        return self.model.caches.blocks_in_use()
+
 
 class LocalRunner:
     """One process holds every sequence."""
@@ -122,6 +127,9 @@ class LocalRunner:
     def step(self, plan: StepPlan) -> dict[int, TokenResult]:
         return self.executor.apply(plan)
 
+    def blocks_in_use(self) -> list[dict[str, int]]:
+        return [self.executor.blocks_in_use()]
+
     def heartbeat(self) -> None:
         pass
 
@@ -136,6 +144,7 @@ class DistributedRunner:
         self.executor = StepExecutor(model, rank)
         self.rank, self.world, self.ctrl = rank, world, ctrl
         self.closed = False
+        self._in_use: list[dict[str, int]] = [{} for _ in range(world)]  # other ranks: as of the last step
 
     def owner_for(self, loads: list[int], ranks: list[int]) -> int:
         """The least loaded (sequences it holds) of `ranks`, those with cache room."""
@@ -152,11 +161,18 @@ class DistributedRunner:
             return {}
         results = self.executor.apply(plan, forward_when_empty=True)
         parts: list[Any] = [None] * self.world
-        collective("serve token gather", dist.gather_object, results, parts, dst=0, group=self.ctrl)
+        collective("serve token gather", dist.gather_object, (results, self.executor.blocks_in_use()), parts,
+                   dst=0, group=self.ctrl)
         merged: dict[int, TokenResult] = {}
-        for p in parts:
-            merged.update(p or {})
+        for r, (res, in_use) in enumerate(parts):
+            merged.update(res)
+            self._in_use[r] = in_use
         return merged
+
+    def blocks_in_use(self) -> list[dict[str, int]]:
+        """Per rank: this rank's now, the others' as they reported them with the last step's tokens (the idle
+        engine's heartbeat steps every second, so they are at most that old)."""
+        return [self.executor.blocks_in_use() if r == self.rank else dict(u) for r, u in enumerate(self._in_use)]
 
     def heartbeat(self) -> None:
         """An empty step: a dead or stuck rank shows up as a collective failure within the timeout."""
@@ -187,4 +203,5 @@ def worker_loop(model: Any, rank: int, world: int, ctrl: Any) -> None:
         if plan.stop:
             return
         results = executor.apply(plan, forward_when_empty=True)
-        collective("serve token gather", dist.gather_object, results, None, dst=0, group=ctrl)
+        collective("serve token gather", dist.gather_object, (results, executor.blocks_in_use()), None, dst=0,
+                   group=ctrl)
