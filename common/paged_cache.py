@@ -40,6 +40,14 @@ DEFAULT_BLOCK_SIZE = 128  # vllm-ascend DSV4_BLOCK_SIZES[128] (models/layer/atte
 STATE_BLOCK_SIZE = 16
 
 
+def check_block_size(value: int, what: str = "block_size") -> int:
+    """Rows per paged-cache block the V4 kernels take: a multiple of 16 in [16, 1024] (sparse_attn_sharedkv and
+    vllm_quant_lightning_indexer READMEs). -> value; ValueError naming `what` otherwise."""
+    if value % 16 or not 16 <= value <= 1024:
+        raise ValueError(f"{what} must be a multiple of 16 in [16, 1024], got {value}")
+    return value
+
+
 class CacheFull(RuntimeError):
     """No free block of a kind with a fixed block budget (the scheduler must wait or preempt)."""
 
@@ -237,11 +245,8 @@ class PagedCacheManager:
     def __init__(self, cfg: ModelConfig, backend: Any, with_mtp: bool = False, block_size: int = 16,
                  num_blocks: int | dict[str, int] | None = None, index_quant: bool = False,
                  kv_dtype: str = "float32", state_block_size: int = STATE_BLOCK_SIZE):
-        if block_size % 16 or not 16 <= block_size <= 1024:
-            # sparse_attn_sharedkv / vllm_quant_lightning_indexer READMEs: block_size a multiple of 16, <= 1024
-            raise ValueError(f"block_size must be a multiple of 16 in [16, 1024], got {block_size}")
-        if state_block_size % 16 or not 16 <= state_block_size <= 1024:
-            raise ValueError(f"state_block_size must be a multiple of 16 in [16, 1024], got {state_block_size}")
+        check_block_size(block_size)
+        check_block_size(state_block_size, "state_block_size")
         self.cfg, self.B, self.bs, self.state_bs = cfg, backend, block_size, state_block_size
         self.index_quant = index_quant
         self.n_layers = cfg.n_total_layers if with_mtp else cfg.n_layers

@@ -200,8 +200,8 @@ def cli_built_server(lm, **flags):
 
     args = argparse.Namespace(model=MODEL, backend="cpu", dtype=None, device="cpu", soc=None, moe_comm="auto",
                               host="127.0.0.1", port=0, max_num_seqs=4, max_model_len=512, max_batched_tokens=16,
-                              max_waiting=None, cache_tokens=None, api_key=None, served_model_name=None,
-                              dist_timeout=60.0, nproc=None)
+                              max_waiting=None, cache_tokens=None, block_size=SERVE_BLOCK_SIZE, api_key=None,
+                              served_model_name=None, dist_timeout=60.0, nproc=None)
     for k, v in flags.items():
         setattr(args, k, v)
     job = job_from_args(args)
@@ -313,3 +313,26 @@ def test_printed_pool_bytes_are_plans_accounting(lm):
     assert sum(n * mgr.block_bytes(k) for k, n in pools.items()) == expect
     assert describe_pools(mgr, 1000).endswith(f"; {expect / 2**20:.1f} MiB")
     assert BlockBudget(mgr, 32, 1, 1000).stats()["cache_bytes_total"] == expect
+
+
+def test_block_size_flag_shapes_the_pools_and_serves_the_same_tokens(lm):
+    """--block-size 32: every kind's blocks are 32 rows (the compressor state pages keep theirs), the pools are
+    sized for it, and greedy replies still equal `dsv4 generate`."""
+    from tools.errors import EXIT_USAGE, CliError
+
+    prompts = [[0, 9, 410, 33, 7], [0, 12, 5]]
+    ref = Model(lm.cfg, lm.weights, get_backend("cpu"))
+    expect = [generate(ref, [p], SamplingParams(max_new_tokens=40, stop_on_eos=False)).output_ids[0] for p in prompts]
+    with cli_built_server(lm, block_size=32) as (port, engine, model, logs):
+        mgr = model.caches
+        assert mgr.bs == 32 and mgr.kind_bs("swa") == 32
+        assert dict(mgr.capacity) == serve_pools(lm.cfg, 4 * 512, 512, 16, 4, 32)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120.0, max_retries=0)
+        got = [c.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0,
+                                    extra_body={"ignore_eos": True}).choices[0].token_ids for p in prompts]
+        assert got == expect
+    for bad in (24, 0, 2048):
+        with pytest.raises(CliError, match="--block-size must be a multiple of 16") as e, \
+                cli_built_server(lm, block_size=bad):
+            pass
+        assert e.value.code == EXIT_USAGE

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ascend import soc as soc_table
 from common.config import ConfigError
 from common.safetensors_io import CheckpointError
+from tools.serve.budget import SERVE_BLOCK_SIZE
 
 from .errors import EXIT_INPUT, EXIT_INTERRUPT, EXIT_USAGE, CliError, log
 
@@ -256,6 +257,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-tokens", type=int, default=None,
                    help="room for this many tokens of context per rank: fixes the paged cache pools "
                         "(default max-num-seqs x max-model-len)")
+    p.add_argument("--block-size", type=int, default=SERVE_BLOCK_SIZE,
+                   help="rows per paged-cache block: a multiple of 16 in [16, 1024] (the V4 kernels' limits; "
+                        "vllm-ascend serves V4 with 128); default %(default)s, the least padding per sequence")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $DSV4_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
     d = p.add_argument_group("multi-rank (rank 0 serves HTTP; all ranks step the same batch, MoE expert parallel)")

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import SERVE_BLOCK_SIZE
+
 EXIT_SERVE_FAILED = 1  # the engine failed (a rank died or stopped answering) or a rank exited non-zero
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -39,6 +41,7 @@ class ServeJob:
     max_batched_tokens: int = 512
     max_waiting: int | None = None
     cache_tokens: int | None = None
+    block_size: int = SERVE_BLOCK_SIZE
     api_key: str | None = None
     served_model_name: str | None = None
     timeout: float = 60.0
@@ -69,12 +72,12 @@ def build_model(job: ServeJob, lm: Any, backend: Any, say: Any = _log, **kw: Any
     are not run by the engine, so they get no caches."""
     from common.model import Model
 
-    from .budget import SERVE_BLOCK_SIZE, describe_pools, serve_pools
+    from .budget import describe_pools, serve_pools
 
     max_len, cache = serve_limits(job, lm.cfg)
-    pools = serve_pools(lm.cfg, cache, max_len, job.max_batched_tokens, job.max_num_seqs, SERVE_BLOCK_SIZE)
+    pools = serve_pools(lm.cfg, cache, max_len, job.max_batched_tokens, job.max_num_seqs, job.block_size)
     try:
-        model = Model(lm.cfg, lm.weights, backend, mtp=False, block_size=SERVE_BLOCK_SIZE, num_blocks=pools, **kw)
+        model = Model(lm.cfg, lm.weights, backend, mtp=False, block_size=job.block_size, num_blocks=pools, **kw)
     except MemoryError as e:
         from tools.errors import EXIT_USAGE, CliError
 
@@ -155,6 +158,7 @@ def serve_http(engine: Any, tokenizer: Any, scfg: Any, host: str, port: int) -> 
 
 
 def job_from_args(args: Any) -> ServeJob:
+    from common.paged_cache import check_block_size
     from tools.errors import EXIT_USAGE, CliError
     from tools.generate_cmd import resolve_dtype
 
@@ -172,10 +176,14 @@ def job_from_args(args: Any) -> ServeJob:
         raise CliError("--max-waiting must be >= 1", EXIT_USAGE)
     if args.cache_tokens is not None and args.cache_tokens < 2:
         raise CliError("--cache-tokens must be >= 2", EXIT_USAGE)
+    try:
+        check_block_size(args.block_size, "--block-size")
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     return ServeJob(args.model, args.backend, resolve_dtype(args), args.device, args.soc, args.moe_comm, args.host,
                     args.port, args.max_num_seqs, args.max_model_len, args.max_batched_tokens, args.max_waiting,
-                    args.cache_tokens, api_key or None, args.served_model_name, args.dist_timeout)
+                    args.cache_tokens, args.block_size, api_key or None, args.served_model_name, args.dist_timeout)
 
 
 def run_serve(args: Any) -> int:

@@ -170,8 +170,8 @@ class DistributedRunner:
         return merged
 
     def blocks_in_use(self) -> list[dict[str, int]]:
-        """Per rank: this rank's now, the others' as they reported them with the last step's tokens (the idle
-        engine's heartbeat steps every second, so they are at most that old)."""
+        """Per rank: this rank's now, the others' as they reported them with the last step's tokens (an idle
+        engine's heartbeat steps every second)."""
         return [self.executor.blocks_in_use() if r == self.rank else dict(u) for r, u in enumerate(self._in_use)]
 
     def heartbeat(self) -> None:
