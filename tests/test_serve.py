@@ -216,7 +216,13 @@ def test_tool_request_round_trip_prompt(client, tok):
     ({"model": "nope", "prompt": "x"}, "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": 2.5}, "temperature"),
-    ({"model": MODEL, "prompt": list(range(5, 5 + MAX_LEN + 1))}, "messages"),
+    ({"model": MODEL, "prompt": list(range(5, 5 + MAX_LEN + 1))}, "prompt"),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
+    ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_requests_answer_400(server, body, param):
     r = httpx.post(f"http://127.0.0.1:{server}/v1/completions", json=body, timeout=30.0)
@@ -231,6 +237,19 @@ def test_bad_requests_through_openai_client(client):
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * MAX_LEN}])
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client):
+    """What the openai client or a UI sends by default (zero penalties, text format, tool_choice auto) is fine."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                                       response_format={"type": "text"}, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       tool_choice="required", tools=[{"type": "function",
+                                                                       "function": {"name": "f"}}])
+    assert e.value.body["param"] == "tool_choice"
 
 
 def test_malformed_json_answers_400(server):

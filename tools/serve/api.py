@@ -106,10 +106,32 @@ def _check_ids(ids: list, cfg: ServeConfig, param: str) -> list[int]:
     return ids
 
 
-def _check_len(n: int, cfg: ServeConfig) -> None:
+def _check_len(n: int, cfg: ServeConfig, param: str) -> None:
     if n >= cfg.max_model_len:
         raise ApiError(400, f"This model's maximum context length is {cfg.max_model_len} tokens; the prompt has "
-                            f"{n} tokens (the reply needs at least one more)", "messages", "context_length_exceeded")
+                            f"{n} tokens (the reply needs at least one more)", param, "context_length_exceeded")
+
+
+# OpenAI parameters this server cannot honour, with the value that asks for nothing: any other value is a 400
+# naming the parameter, never silently ignored (a penalty or a JSON mode the client thinks is on would not be)
+_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
+                            "logit_bias": {}, "best_of": 1, "echo": False, "suffix": "", "min_tokens": 0}
+
+
+def _reject_unsupported(body: dict) -> None:
+    for key, neutral in _NEUTRAL.items():
+        v = body.get(key)
+        if v is not None and v != neutral:
+            raise ApiError(400, f"'{key}' is not supported by this server (got {v!r}; leave it out or send "
+                                f"{neutral!r})", key)
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        raise ApiError(400, "only response_format {'type': 'text'} is supported (no constrained decoding)",
+                       "response_format")
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "auto":
+        raise ApiError(400, "only tool_choice 'auto' is supported: the model decides whether to call a tool",
+                       "tool_choice")
 
 
 def _thinking(body: dict) -> bool:
@@ -207,6 +229,7 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig) -> Any:
         if model != cfg.served_model_name:
             raise ApiError(400, f"The model {model!r} does not exist; this server serves "
                                 f"{cfg.served_model_name!r}", "model", "model_not_found")
+        _reject_unsupported(body)
         return body
 
     def submit(prompt: list[int], opts: Options) -> Any:
@@ -294,7 +317,7 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig) -> Any:
             ids = _check_ids(prompt, cfg, "prompt")
         else:
             raise ApiError(400, "'prompt' must be a string, a list of token ids, or a batch of one", "prompt")
-        _check_len(len(ids), cfg)
+        _check_len(len(ids), cfg, "prompt")
         lp = body.get("logprobs")
         lp = None if lp is None or lp is False else _num(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
         opts = _options(body, cfg, len(ids), 16, lp)
@@ -342,7 +365,7 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig) -> Any:
         except ChatFormatError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = encode_text(tokenizer, text)
-        _check_len(len(ids), cfg)
+        _check_len(len(ids), cfg, "messages")
         lp = None
         if body.get("logprobs"):
             lp = _num(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
