@@ -138,12 +138,14 @@ def run_concurrent(port: int, prompts, refs, max_tokens: int, clients: int, dura
             "ttft_p50": statistics.median(d[1] for d in done) if done else 0.0, "errors": errors}
 
 
-def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int]) -> dict[int, float]:
+def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[int],
+            batched_tokens: int = 512) -> dict[int, float]:
     """What continuous batching can give this workload on this machine, estimated in this process on the NumPy
     reference after the server is gone: one at a time a request costs prefill(prompt) + max_tokens decode steps
-    at batch 1; with C clients, prefill(prompt) + max_tokens shares of a batch-C decode step (prefill is already
-    a matrix product over the prompt, so batching shrinks it little). The server can beat it slightly: it packs
-    prompt chunks beside decode rows, where they share the expert weight reads. -> {C: estimated ratio}."""
+    at batch 1; with C clients, its share of the C prompts prefilled packed as the engine packs them (whole
+    prompts per forward call up to --max-batched-tokens tokens) + max_tokens shares of a batch-C decode step.
+    The server can beat it slightly: it also packs prompt chunks beside decode rows, where they share the expert
+    weight reads. -> {C: estimated ratio}."""
     from bench_batch_step import decode_step  # this directory (run as a script)
 
     from ascend.backends import get_backend
@@ -153,19 +155,27 @@ def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[in
     lm = load_model(model, lambda m: None)
     m = Model(lm.cfg, lm.weights, get_backend("numpy"))
 
-    def prefill(p: list[int]) -> float:
-        c = m.new_cache()
-        m.forward([c], [p])
+    def prefill(ps: list[list[int]]) -> float:
+        m.forward([m.new_cache() for _ in ps], ps)  # warm
         t = time.perf_counter()
-        m.forward([m.new_cache()], [p])
+        m.forward([m.new_cache() for _ in ps], ps)
         return time.perf_counter() - t
+
+    def packed_prefill(c: int) -> float:
+        """Seconds per request of prefilling c requests' prompts in the engine's packed forward calls."""
+        groups: list[list[list[int]]] = [[]]
+        for i in range(c):
+            p = prompts[i % len(prompts)]
+            if groups[-1] and sum(map(len, groups[-1])) + len(p) > batched_tokens:
+                groups.append([])
+            groups[-1].append(p)
+        return sum(prefill(g) for g in groups) / c
 
     def step(b: int) -> float:
         return decode_step(m, [prompts[i % len(prompts)] for i in range(b)], 5)["ms"] / 1e3
 
-    pre = statistics.mean(prefill(p) for p in prompts)
-    one = pre + max_tokens * step(1)
-    return {c: one / (pre + max_tokens * step(c) / c) for c in conc}
+    one = statistics.mean(prefill([p]) for p in prompts) + max_tokens * step(1)
+    return {c: one / (packed_prefill(c) + max_tokens * step(c) / c) for c in conc}
 
 
 def main() -> int:
@@ -222,7 +232,9 @@ def main() -> int:
     if not args.no_ceiling and "--backend" not in args.server_arg:
         print("what batching can give this workload (NumPy reference, prefill + decode steps timed here after the "
               "server stopped):")
-        for c, cap in ceiling(args.model, prompts, args.max_tokens, conc).items():
+        sa = args.server_arg
+        chunk = int(sa[sa.index("--max-batched-tokens") + 1]) if "--max-batched-tokens" in sa[:-1] else 512
+        for c, cap in ceiling(args.model, prompts, args.max_tokens, conc, chunk).items():
             got = dict(results).get(c)
             print(f"  {c:3d} clients: about {cap:.2f}x one-at-a-time"
                   + (f"; served {got:.2f}x = {got / cap:.0%} of it" if got else ""), flush=True)
