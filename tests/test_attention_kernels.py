@@ -136,6 +136,28 @@ def _paged(rows_per_seq, width, bs, rng, dtype=np.float32):
     return cache, table
 
 
+def sparse_attn_case(rng, with_sel: bool, H=4, D=16, ratio=4, bs=16, K=5, lens=(40, 7, 23), nq=(6, 7, 1)) -> dict:
+    """Inputs of sparse_attn_sharedkv over shuffled paged caches: three requests (prefill chunks and one decode
+    row), raw and compressed keys, and with `with_sel` top-k picks of compressed entries per query row, some not
+    yet visible (the kernel's causal mask drops them). Also used by tests/test_kernels.py."""
+    raw = [rng.standard_normal((L, D)).astype(np.float32) for L in lens]
+    comp = [rng.standard_normal((L // ratio, D)).astype(np.float32) for L in lens]
+    ori, obt = _paged(raw, D, bs, rng)
+    cmp, cbt = _paged([c if len(c) else np.zeros((1, D), np.float32) for c in comp], D, bs, rng)
+    q = rng.standard_normal((sum(nq), H, D)).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
+    sel = None
+    if with_sel:
+        sel = np.full((sum(nq), 1, K), -1, np.int32)
+        for t in range(sum(nq)):
+            b = int(np.searchsorted(cu, t, side="right") - 1)
+            pick = rng.permutation(len(comp[b]))[:K]
+            sel[t, 0, : len(pick)] = pick
+    return dict(q=q, ori_kv=ori, cmp_kv=cmp, cmp_sparse_indices=sel, ori_block_table=obt, cmp_block_table=cbt,
+                cu_seqlens_q=cu, seqused_kv=np.array(lens, np.int32), sinks=sinks, raw=raw, comp=comp)
+
+
 def _dense_indexer(q, w, keys, qpos, ratio, k):
     s = np.einsum("thd,jd->thj", q, keys)
     score = np.einsum("thj,th->tj", np.maximum(s, 0), w)
@@ -204,32 +226,18 @@ def _dense_attention(q, qpos, raw, comp, ratio, sel, window, sinks, scale):
 
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_sparse_attn_sharedkv_against_dense(with_sel):
-    rng = np.random.default_rng(2)
-    H, D, W, ratio, bs, K = 4, 16, 8, 4, 16, 5
-    lens, nq = [40, 7, 23], [6, 7, 1]
-    raw = [rng.standard_normal((L, D)).astype(np.float32) for L in lens]
-    comp = [rng.standard_normal((L // ratio, D)).astype(np.float32) for L in lens]
-    ori, obt = _paged(raw, D, bs, rng)
-    cmp, cbt = _paged([c if len(c) else np.zeros((1, D), np.float32) for c in comp], D, bs, rng)
-    q = rng.standard_normal((sum(nq), H, D)).astype(np.float32)
-    sinks = rng.standard_normal(H).astype(np.float32)
-    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
-    sel = None
-    if with_sel:
-        sel = np.full((sum(nq), 1, K), -1, np.int32)
-        for t in range(sum(nq)):
-            b = int(np.searchsorted(cu, t, side="right") - 1)
-            J = len(comp[b])
-            pick = rng.permutation(J)[: min(K, J)]
-            sel[t, 0, : len(pick)] = pick  # some picks are not yet visible: the kernel's causal mask drops them
+    H, D, W, ratio, lens, nq = 4, 16, 8, 4, [40, 7, 23], [6, 7, 1]
+    c = sparse_attn_case(np.random.default_rng(2), with_sel)
+    q, sel, sinks, cu = c["q"], c["cmp_sparse_indices"], c["sinks"], c["cu_seqlens_q"]
+    ori, obt = c["ori_kv"], c["ori_block_table"]
     meta = R.sparse_attn_sharedkv_metadata(num_heads_q=H, num_heads_kv=1, head_dim=D, batch_size=len(lens))
-    out, _ = R.sparse_attn_sharedkv(q, ori_kv=ori, cmp_kv=cmp, cmp_sparse_indices=sel, ori_block_table=obt,
-                                    cmp_block_table=cbt, cu_seqlens_q=cu, seqused_kv=np.array(lens, np.int32),
-                                    sinks=sinks, metadata=meta, softmax_scale=0.3, cmp_ratio=ratio,
-                                    ori_win_left=W - 1, layout_q="TND", layout_kv="PA_ND")
+    out, _ = R.sparse_attn_sharedkv(q, ori_kv=ori, cmp_kv=c["cmp_kv"], cmp_sparse_indices=sel, ori_block_table=obt,
+                                    cmp_block_table=c["cmp_block_table"], cu_seqlens_q=cu,
+                                    seqused_kv=c["seqused_kv"], sinks=sinks, metadata=meta, softmax_scale=0.3,
+                                    cmp_ratio=ratio, ori_win_left=W - 1, layout_q="TND", layout_kv="PA_ND")
     for b, L in enumerate(lens):
         a, e = cu[b], cu[b + 1]
-        want = _dense_attention(q[a:e], np.arange(L - nq[b], L), raw[b], comp[b], ratio,
+        want = _dense_attention(q[a:e], np.arange(L - nq[b], L), c["raw"][b], c["comp"][b], ratio,
                                 None if sel is None else sel[a:e, 0], W, sinks, 0.3)
         np.testing.assert_allclose(out[a:e], want, rtol=1e-5, atol=1e-5)
     bad = R.sparse_attn_sharedkv_metadata(num_heads_q=H, num_heads_kv=1, head_dim=D, batch_size=2)

@@ -332,32 +332,14 @@ def test_lightning_indexer_op_float_and_int8_matches_golden():
 @needs_kernels
 @pytest.mark.parametrize("with_sel", [False, True])
 def test_sparse_attn_sharedkv_op_matches_golden(with_sel):
-    from .test_attention_kernels import _paged
+    from .test_attention_kernels import sparse_attn_case
 
-    rng = np.random.default_rng(2)
-    H, D, W, ratio, bs, K = 4, 16, 8, 4, 16, 5
-    lens, nq = [40, 7, 23], [6, 7, 1]
-    raw = [f32(rng, L, D) for L in lens]
-    comp = [f32(rng, L // ratio, D) for L in lens]
-    ori, obt = _paged(raw, D, bs, rng)
-    cmp, cbt = _paged([c if len(c) else np.zeros((1, D), np.float32) for c in comp], D, bs, rng)
-    q, sinks = f32(rng, sum(nq), H, D), f32(rng, H)
-    cu = np.concatenate([[0], np.cumsum(nq)]).astype(np.int32)
-    sel = None
-    if with_sel:
-        sel = np.full((sum(nq), 1, K), -1, np.int32)
-        for t in range(sum(nq)):
-            b = int(np.searchsorted(cu, t, side="right") - 1)
-            pick = rng.permutation(len(comp[b]))[:K]
-            sel[t, 0, : len(pick)] = pick  # some not yet visible: the causal mask drops them
-    kw = dict(cmp_ratio=ratio, ori_win_left=W - 1, layout_q="TND", layout_kv="PA_ND", softmax_scale=0.3)
-    want, _ = R.sparse_attn_sharedkv(q, ori_kv=ori, cmp_kv=cmp, cmp_sparse_indices=sel, ori_block_table=obt,
-                                     cmp_block_table=cbt, cu_seqlens_q=cu, seqused_kv=np.array(lens, np.int32),
-                                     sinks=sinks, **kw)
+    c = sparse_attn_case(np.random.default_rng(2), with_sel)
+    ins = {k: v for k, v in c.items() if k not in ("raw", "comp")}
+    kw = dict(cmp_ratio=4, ori_win_left=7, layout_q="TND", layout_kv="PA_ND", softmax_scale=0.3)
+    want, _ = R.sparse_attn_sharedkv(**ins, **kw)
     B = _ours()
-    got, _ = B.sparse_attn_sharedkv(T(q), ori_kv=T(ori), cmp_kv=T(cmp), cmp_sparse_indices=None if sel is None
-                                    else T(sel), ori_block_table=T(obt), cmp_block_table=T(cbt), cu_seqlens_q=T(cu),
-                                    seqused_kv=T(np.array(lens, np.int32)), sinks=T(sinks), **kw)
+    got, _ = B.sparse_attn_sharedkv(**{k: None if v is None else T(v) for k, v in ins.items()}, **kw)
     assert_close(got.numpy(), want)
     assert B.variants()["sparse_attn_sharedkv"] == "triton:dsv4.sparse_attn_sharedkv"
 
