@@ -12,9 +12,13 @@ from typing import Any
 
 from .model import Model
 
+SEED_END = 2**63  # seeds are in [0, SEED_END): one numpy Generator seed per run (or per served request)
+
 
 @dataclass
 class SamplingParams:
+    """How to sample: `dsv4 generate`'s flags and, extended by tools.serve.engine.Options, a served request's."""
+
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_k: int = 0
@@ -31,7 +35,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < SEED_END:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 

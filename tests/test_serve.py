@@ -21,10 +21,12 @@ import pytest
 import uvicorn
 
 from common.chat import EOS, encode_messages, encode_text, load_v4_tokenizer, render_tool_calls
+from common.generate import SamplingParams
 from tools.cli import main as dsv4_main
-from tools.serve.api import ServeConfig, create_app
+from tools.serve import api
+from tools.serve.api import ApiError, ServeConfig, create_app
 from tools.serve.budget import SERVE_BLOCK_SIZE, BlockBudget, serve_pools
-from tools.serve.engine import Engine
+from tools.serve.engine import Engine, Options
 from tools.serve.runner import TokenResult
 
 MODEL = "tiny-chat"
@@ -223,6 +225,13 @@ def test_tool_request_round_trip_prompt(client, tok):
     ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
     ({"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
     ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    # one row per SamplingParams check: the API refuses first and names the request field
+    ({"model": MODEL, "prompt": "x", "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": MODEL, "prompt": "x", "top_k": -2}, "top_k"),
+    ({"model": MODEL, "prompt": "x", "seed": -1}, "seed"),
+    ({"model": MODEL, "prompt": "x", "seed": 2**63}, "seed"),
 ])
 def test_bad_requests_answer_400(server, body, param):
     r = httpx.post(f"http://127.0.0.1:{server}/v1/completions", json=body, timeout=30.0)
@@ -250,6 +259,24 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client):
                                        tool_choice="required", tools=[{"type": "function",
                                                                        "function": {"name": "f"}}])
     assert e.value.body["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_sampling_numbers_answer_400(server, field, value):
+    """json.loads reads NaN / Infinity; they are a 400 naming the field, not a SamplingParams ValueError (500)."""
+    body = f'{{"model": "{MODEL}", "prompt": [0, 5], "max_tokens": 1, "{field}": {value}}}'.encode()
+    r = httpx.post(f"http://127.0.0.1:{server}/v1/completions", content=body, timeout=30.0,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_largest_seed_is_served(client, server):
+    """The top of the seed range the API accepts is one the per-request sampler takes (the engine stays up)."""
+    r = client.completions.create(model=MODEL, prompt=[0, 5], max_tokens=2, temperature=1.0, seed=2**63 - 1)
+    assert r.usage.completion_tokens >= 1
+    assert httpx.get(f"http://127.0.0.1:{server}/health", timeout=10.0).status_code == 200
 
 
 def test_malformed_json_answers_400(server):
@@ -437,3 +464,42 @@ def test_chunked_prefill_beside_decode_equals_generate(tok):
         assert first + rest == expect[0]
         assert r.choices[0].token_ids == expect[1]
         assert metric(port, "dsv4_processed_tokens_total") >= len(short) + len(long_) + 22
+
+
+# ---- request -> Options ------------------------------------------------------------------------------------
+
+CFG = ServeConfig(MODEL, MAX_LEN, 1000, 0)
+
+
+def test_request_options_are_sampling_params():
+    """A request's sampling fields land in SamplingParams' own fields (one set for generate and serve)."""
+    body = {"max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": 3, "ignore_eos": True,
+            "stop": "x", "stop_token_ids": [7]}
+    o = api._options(body, CFG, 10, None, 2)
+    assert isinstance(o, SamplingParams)
+    assert (o.max_new_tokens, o.temperature, o.top_p, o.top_k, o.seed, o.stop_on_eos) == (5, 0.5, 0.9, 0, 3, False)
+    assert (o.stop, o.stop_token_ids, o.logprobs) == (["x"], [7], 2)
+    assert api._options({"max_completion_tokens": 4}, CFG, 10, 16, None).max_new_tokens == 4
+    assert api._options({}, CFG, 10, 16, None).max_new_tokens == 16  # /v1/completions' default
+    assert api._options({}, CFG, 10, None, None).max_new_tokens == MAX_LEN - 10  # chat: the room left
+    assert api._options({}, CFG, 10, None, None).stop_on_eos
+    with pytest.raises(ValueError, match="seed"):  # SamplingParams' checks hold for Options too
+        Options(seed=-1)
+
+
+@pytest.mark.parametrize("body,param", [({"top_k": 60}, "top_k"), ({"max_tokens": 60}, "max_tokens"),
+                                        ({"max_completion_tokens": 60}, "max_completion_tokens")])
+def test_a_sampling_check_the_api_misses_is_still_a_400(monkeypatch, body, param):
+    """Should SamplingParams gain a check the API does not make, its ValueError becomes a 400 naming the request
+    field, never a 500."""
+    class Stricter(Options):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            for name in ("top_k", "max_new_tokens"):
+                if getattr(self, name) > 50:
+                    raise ValueError(f"{name} must be <= 50, got {getattr(self, name)}")
+
+    monkeypatch.setattr(api, "Options", Stricter)
+    with pytest.raises(ApiError) as e:
+        api._options(body, CFG, 10, None, None)
+    assert (e.value.status, e.value.param, e.value.message) == (400, param, f"'{param}' must be <= 50, got 60")

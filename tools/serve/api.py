@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from common.chat import (
     encode_text,
     parse_completion,
 )
+from common.generate import SEED_END
 
 from .engine import Engine, EngineUnavailable, Event, Options, QueueFull, RequestTooLarge
 
@@ -59,7 +61,8 @@ def _num(body: dict, key: str, default: Any, lo: float | None = None, hi: float 
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+    if (isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
+            or isinstance(v, float) and not math.isfinite(v)):  # json.loads reads NaN / Infinity
         raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ApiError(400, f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {v}", key)
@@ -91,10 +94,17 @@ def _options(body: dict, cfg: ServeConfig, prompt_len: int, default_max: int | N
     if _num(body, "n", 1, 1, 1, integer=True) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
     top_k = _num(body, "top_k", 0, -1, integer=True)
-    return Options(max_tokens=max_tokens, temperature=float(_num(body, "temperature", 1.0, 0, 2)),
-                   top_p=float(_num(body, "top_p", 1.0, 0, 1, lo_open=True)), top_k=max(top_k, 0),
-                   seed=_num(body, "seed", None, integer=True), stop=stop, stop_token_ids=stop_ids,
-                   ignore_eos=bool(body.get("ignore_eos", False)), logprobs=logprobs)
+    temperature = float(_num(body, "temperature", 1.0, 0, 2))
+    top_p = float(_num(body, "top_p", 1.0, 0, 1, lo_open=True))
+    seed = _num(body, "seed", None, 0, SEED_END - 1, integer=True)
+    try:
+        return Options(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+                       seed=seed, stop_on_eos=not body.get("ignore_eos", False), stop=stop, stop_token_ids=stop_ids,
+                       logprobs=logprobs)
+    except ValueError as e:  # a check SamplingParams gains that the lines above miss: still a 400, never a 500
+        field, _, rest = str(e).partition(" ")  # "top_k must be ..."; the other fields keep their request names
+        param = key if field == "max_new_tokens" else field
+        raise ApiError(400, f"'{param}' {rest}", param) from None
 
 
 def _check_ids(ids: list, cfg: ServeConfig, param: str) -> list[int]:

@@ -9,9 +9,9 @@ request's asyncio queue. Finished sequences release their cache at once.
 
 Admission goes through `CacheBudget` so the scheduler does not depend on how caches are stored: the head of the
 waiting queue is admitted, first come first served, once some rank has room for its worst case (prompt +
-max_tokens); the reservation is released when it finishes or is cancelled. `tools/serve/budget.py` BlockBudget
-implements it over the paged cache manager's fixed block pools (peak blocks per kind), so a running sequence never
-meets a full pool mid-step.
+max_new_tokens, the request's max_tokens); the reservation is released when it finishes or is cancelled.
+`tools/serve/budget.py` BlockBudget implements it over the paged cache manager's fixed block pools (peak blocks
+per kind), so a running sequence never meets a full pool mid-step.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from common.generate import SamplingParams
 
 from .metrics import Metrics
 from .runner import SeqSpec, StepItem, StepPlan, TokenResult
@@ -52,18 +54,14 @@ class EngineUnavailable(Exception):
 
 
 @dataclass
-class Options:
-    """Per-request generation options (already validated by the API layer)."""
+class Options(SamplingParams):
+    """Per-request generation options: the sampling parameters of `dsv4 generate` (fields, defaults and checks
+    live in SamplingParams) plus what serving adds. The API layer validates the request first, so a bad field is
+    a 400 naming the request parameter before SamplingParams sees it."""
 
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs
 
 
 @dataclass
@@ -170,7 +168,7 @@ class Engine:
         with self._cv:
             if not self.healthy:
                 raise EngineUnavailable(self.failed or "the engine is not running")
-            need = min(len(prompt) + opts.max_tokens, self.max_model_len)
+            need = min(len(prompt) + opts.max_new_tokens, self.max_model_len)
             why = self.budget.too_large(need)
             if why is not None:
                 raise RequestTooLarge(f"prompt + max_tokens = {need} tokens can never fit the cache: {why}")
@@ -262,7 +260,7 @@ class Engine:
         plan = StepPlan(release=release)
         while self.waiting and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
-            need = min(len(s.prompt) + s.opts.max_tokens, self.max_model_len)
+            need = min(len(s.prompt) + s.opts.max_new_tokens, self.max_model_len)
             rooms = self.budget.ranks_with_room(need)
             if not rooms:
                 break  # first come first served: the head waits for room
@@ -300,11 +298,11 @@ class Engine:
             tok = r.token
             reason = None
             emit = [tok]
-            if (tok in self.eos and not s.opts.ignore_eos) or tok in s.opts.stop_token_ids:
+            if (tok in self.eos and s.opts.stop_on_eos) or tok in s.opts.stop_token_ids:
                 reason, emit = "stop", []
             else:
                 s.out.append(tok)
-                if len(s.out) >= s.opts.max_tokens or len(s.prompt) + len(s.out) >= self.max_model_len:
+                if len(s.out) >= s.opts.max_new_tokens or len(s.prompt) + len(s.out) >= self.max_model_len:
                     reason = "length"
             text, hit = s.detok(reason is not None)
             reason = hit or reason
