@@ -15,6 +15,11 @@ from .model import Model
 SEED_END = 2**63  # seeds are in [0, SEED_END): one numpy Generator seed per run (or per served request)
 
 
+def draw_seed() -> int:
+    """The seed of a run (or served request) that names none: drawn from the OS, in [0, 2**32)."""
+    return random.SystemRandom().randrange(2**32)
+
+
 @dataclass
 class SamplingParams:
     """How to sample: `dsv4 generate`'s flags and, extended by tools.serve.engine.Options, a served request's."""
@@ -91,7 +96,7 @@ class Ranks:
 
     def agree_seed(self, seed: int | None) -> int:
         """One seed for every process: `seed`, or one drawn here when None."""
-        return seed if seed is not None else random.SystemRandom().randrange(2**32)
+        return seed if seed is not None else draw_seed()
 
     def active_anywhere(self, active: list[int], n: int) -> list[int]:
         """The sequences of the whole batch still generating, given this process's active ones (sorted)."""

@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from common.generate import SamplingParams
+from common.generate import SamplingParams, draw_seed
 
 from .metrics import Metrics
 from .runner import SeqSpec, StepItem, StepPlan, TokenResult
@@ -269,9 +268,8 @@ class Engine:
             self.budget.allocate(s.id, need, s.owner)
             self._loads[s.owner] += 1
             self.running[s.id] = s
-            seed = s.opts.seed if s.opts.seed is not None else random.SystemRandom().randrange(2**32)
-            plan.add.append(SeqSpec(s.id, s.owner, seed, s.opts.temperature, s.opts.top_k, s.opts.top_p,
-                                    s.opts.logprobs))
+            seed = s.opts.seed if s.opts.seed is not None else draw_seed()  # the executor's Generator needs one
+            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed), s.opts.logprobs))
         budget = self.max_batched_tokens
         decoding = [s for s in self.running.values() if s.fed == len(s.prompt)]
         for s in decoding:  # decode first: one token each keeps inter-token latency flat

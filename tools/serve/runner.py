@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.generate import SamplingParams
+
 
 @dataclass
 class StepItem:
@@ -35,10 +37,7 @@ class SeqSpec:
 
     seq_id: int
     owner: int
-    seed: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingParams  # with its seed set: the executor seeds the sequence's Generator with it
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
 
 
@@ -81,7 +80,7 @@ class StepExecutor:
             if spec.owner == self.rank:
                 self.caches[spec.seq_id] = self.model.new_cache()
                 self.specs[spec.seq_id] = spec
-                self.rngs[spec.seq_id] = np.random.default_rng(spec.seed)
+                self.rngs[spec.seq_id] = np.random.default_rng(spec.sampling.seed)
         mine = [it for it in plan.items if it.owner == self.rank]
         if not mine and not (forward_when_empty and plan.items):
             return {}
@@ -96,7 +95,8 @@ class StepExecutor:
         import numpy as np
 
         spec = self.specs[sid]
-        tok = int(self.B.sample(logits, spec.temperature, spec.top_k, spec.top_p, self.rngs[sid])[0])
+        sp = spec.sampling
+        tok = int(self.B.sample(logits, sp.temperature, sp.top_k, sp.top_p, self.rngs[sid])[0])
         if spec.logprobs is None:
             return TokenResult(tok)
         z = np.asarray(self.B.to_numpy(logits), dtype=np.float64)[0]
