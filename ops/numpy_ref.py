@@ -190,10 +190,20 @@ class NumpyBackend(AttentionKernels):
         post = F32(2.0) * _sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
         comb = (m[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(T, n, n)
         comb = _softmax(comb, axis=-1) + eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        # Sinkhorn: alternate column / row normalisation, in place on small buffers (the loop is ~120 calls on
+        # [T, n, n]: call overhead, not arithmetic, is its cost); same operations and order as comb / (sum + eps)
+        red = np.add.reduce
+        rows, cols = np.empty((T, n, 1), dtype=comb.dtype), np.empty((T, 1, n), dtype=comb.dtype)
+        red(comb, axis=-2, keepdims=True, out=cols)
+        cols += eps
+        comb /= cols
         for _ in range(iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+            red(comb, axis=-1, keepdims=True, out=rows)
+            rows += eps
+            comb /= rows
+            red(comb, axis=-2, keepdims=True, out=cols)
+            cols += eps
+            comb /= cols
         y = np.einsum("tn,tnd->td", pre, x)
         return y, post, comb
 
