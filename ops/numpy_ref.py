@@ -78,11 +78,13 @@ def _sink_softmax_values(s: np.ndarray, mask: np.ndarray, keys: np.ndarray | lis
                          sinks: np.ndarray) -> np.ndarray:
     """Attention output from scaled scores s [R, H, S] over keys [S, D] (shared by the rows), or a list of
     per-row key blocks [R, S_i, D] that together make the S (K = V): softmax over the keys where mask [R, S],
-    the per-head sink in the denominator only."""
+    the per-head sink in the denominator only. s is overwritten."""
     R, H, S = s.shape
-    s = np.where(mask[:, None, :], s, -np.inf)
+    # in place on the caller's score buffer (the values of np.where(mask, s, -inf) and np.exp(s - m))
+    np.copyto(s, -np.inf, where=~mask[:, None, :])
     m = np.maximum(np.max(s, axis=-1), sinks[None, :])
-    p = np.exp(s - m[..., None])
+    s -= m[..., None]
+    p = np.exp(s, out=s)
     denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
     if isinstance(keys, np.ndarray):
         o = (p.reshape(-1, S) @ keys).reshape(R, H, -1)
@@ -229,18 +231,21 @@ class NumpyBackend(AttentionKernels):
             return np.zeros((T, 0), dtype=np.int64)
         out = np.empty((T, k), dtype=np.int64)
         jidx = np.arange(J)
+        # entry j is visible to a query at p iff (j + 1) * ratio <= p + 1, i.e. iff j < (p + 1) // ratio
+        nvis = (np.asarray(q_pos, dtype=np.int64) + 1) // ratio
         for a in range(0, T, ATTN_BLOCK):
             b = min(T, a + ATTN_BLOCK)
             qb = q[a:b]
             s = np.matmul(qb.reshape(-1, qb.shape[-1]), keys.T).reshape(b - a, qb.shape[1], J)
             np.maximum(s, 0, out=s)
-            score = np.einsum("thj,th->tj", s, weights[a:b]) * F32(scale)
-            visible = (jidx[None, :] + 1) * ratio <= q_pos[a:b, None] + 1
-            score = np.where(visible, score, -np.inf)
+            score = np.einsum("thj,th->tj", s, weights[a:b])
+            score *= F32(scale)
+            nv = nvis[a:b, None]
+            np.copyto(score, -np.inf, where=jidx[None, :] >= nv)
             # stable: equal scores (e.g. every head's relu at 0) resolve to the lower entry index
-            sel = np.argsort(-score, axis=-1, kind="stable")[:, :k]
-            ok = np.take_along_axis(visible, sel, axis=-1)
-            out[a:b] = np.where(ok, sel, -1)
+            np.negative(score, out=score)
+            sel = np.argsort(score, axis=-1, kind="stable")[:, :k]
+            out[a:b] = np.where(sel < nv, sel, -1)
         return out
 
     def sparse_attention(self, q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks, scale):
@@ -288,29 +293,32 @@ class NumpyBackend(AttentionKernels):
                 else np.zeros(len(ok), dtype=np.int64) for _, _, ok in parts]
         cost = sum(ends)
         order = np.argsort(-cost, kind="stable")
+        # rows permuted once into cost order, so that each block of rows below is a slice (a view), not a gather;
+        # padding ids may point at released (null) blocks: they read slot 0 (and are zeroed in _attend_rows)
+        qs = q[order]
+        parts = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0)[order], ok[order]) for c, ids, ok in parts]
+        cost, ends = cost[order], [e[order] for e in ends]
         out = np.empty(q.shape, dtype=F32)
         sinks = sinks.astype(F32)
         i = 0
         while i < len(order):
             j = i + 1
-            while j < len(order) and cost[order[j]] * 4 >= cost[order[i]] * 3:
+            while j < len(order) and cost[j] * 4 >= cost[i] * 3:
                 j += 1
-            rows = order[i:j]
-            cols = [int(e[rows].max()) for e in ends]
-            out[rows] = self._attend_rows(q[rows], [(c, ids[rows, :n], ok[rows, :n]) for (c, ids, ok), n
-                                                    in zip(parts, cols, strict=True)], sinks, scale)
+            cols = [int(e[i:j].max()) for e in ends]
+            out[order[i:j]] = self._attend_rows(qs[i:j], [(c, ids[i:j, :n], ok[i:j, :n]) for (c, ids, ok), n
+                                                          in zip(parts, cols, strict=True)], sinks, scale)
             i = j
         return out
 
     @staticmethod
     def _attend_rows(q: np.ndarray, parts: list, sinks: np.ndarray, scale: float) -> np.ndarray:
-        D = q.shape[-1]
-        # one gather per cache, scored part by part (no concatenated copy); padding ids may point at released
-        # (null) blocks: they read slot 0 and are zeroed, so that a masked key (weight exactly 0) never meets
-        # a non-finite value
+        # parts: (cache rows [slots, D], slot ids, validity) per cache. One gather per cache, scored part by part
+        # (no concatenated copy); masked keys are zeroed, so that a masked key (weight exactly 0) never meets
+        # a non-finite value of a released block
         keys = []
-        for cache, ids, ok in parts:
-            k = cache.reshape(-1, D)[np.where(ok, ids, 0)]
+        for rows, ids, ok in parts:
+            k = np.take(rows, ids, axis=0)  # np.take: the same rows as rows[ids], copied faster
             k[~ok] = 0
             keys.append(k)
         s = np.concatenate([np.matmul(q, k.transpose(0, 2, 1)) for k in keys], axis=-1)
