@@ -26,6 +26,7 @@ ATTN_BLOCK = 64
 _GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row over cache-sized weight blocks
 _CACHED_BYTES = 8 << 20  # a weight block that stays in the last-level cache while every row reads it
 _COL_BLOCK = 1024  # output columns per block of a large weight's product over 7..16 rows
+_MOE_RUN_ROWS = 1024  # routed rows per run of experts sharing one SwiGLU call (bounds its buffers on long prompts)
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -369,20 +370,31 @@ class NumpyBackend(AttentionKernels):
         flat = ids.reshape(-1)
         order = np.argsort(flat, kind="stable")  # init_routing: rows grouped by expert
         counts = np.bincount(flat, minlength=experts.n_experts)
+        first = np.cumsum(counts) - counts
         ys = np.zeros((T * k, x.shape[1]), dtype=F32)
         wflat = weights.reshape(-1)
-        start = 0
-        for e in np.nonzero(counts)[0]:
-            n = int(counts[e])
-            rows = order[start:start + n]
-            start += n
-            le = experts.local(int(e))
-            if not 0 <= le < experts.count:
-                continue  # held by another expert-parallel rank
+        # experts held by this rank (the others belong to another expert-parallel rank), in id order
+        held = [int(e) for e in np.nonzero(counts)[0] if 0 <= experts.local(int(e)) < experts.count]
+        # runs of experts of up to _MOE_RUN_ROWS rows: each expert's gate and up products, then one SwiGLU and
+        # routing-weight product over the run's rows (a decode batch spreads a few rows over many experts, where
+        # per-expert elementwise calls cost more than their arithmetic; elementwise, so the same values)
+        i = 0
+        while i < len(held):
+            j, n = i + 1, int(counts[held[i]])
+            while j < len(held) and n + int(counts[held[j]]) <= _MOE_RUN_ROWS:
+                n += int(counts[held[j]])
+                j += 1
+            run = held[i:j]
+            rows = np.concatenate([order[first[e]:first[e] + counts[e]] for e in run])
             xt = x[rows // k]
-            h = self._swiglu(self.linear(xt, experts.w1[le]), self.linear(xt, experts.w3[le]), limit)
+            bounds = np.concatenate([[0], np.cumsum(counts[run])]).tolist()
+            lin = [(experts.local(e), a, b) for e, a, b in zip(run, bounds[:-1], bounds[1:], strict=True)]
+            g = self.cat([self.linear(xt[a:b], experts.w1[le]) for le, a, b in lin])
+            u = self.cat([self.linear(xt[a:b], experts.w3[le]) for le, a, b in lin])
+            h = self._swiglu(g, u, limit)
             h *= wflat[rows][:, None]
-            ys[rows] = self.linear(h, experts.w2[le])
+            ys[rows] = self.cat([self.linear(h[a:b], experts.w2[le]) for le, a, b in lin])
+            i = j
         # finalize_routing: sum each token's k expert outputs
         return ys.reshape(T, k, x.shape[1]).sum(axis=1)
 
