@@ -297,6 +297,10 @@ class NumpyBackend(AttentionKernels):
         entries). Rows go in batched products over zero-padded key blocks; rows of similar key counts share a
         block, so that padding (masked, but multiplied) stays under ~1/4 of the work."""
         parts = [(ori_kv, win_ids, win_ok)] + ([] if cmp_ids is None else [(cmp_kv, cmp_ids, cmp_ok)])
+        sinks = sinks.astype(F32)
+        if len(q) == 1:  # one row: the plan already cut each part at its last valid column, so no blocks to form
+            one = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0), ok) for c, ids, ok in parts]
+            return self._attend_rows(q, one, sinks, scale).astype(F32, copy=False)
         # per row and part: columns up to the last valid one
         ends = [np.where(ok.any(axis=1), ok.shape[1] - np.argmax(ok[:, ::-1], axis=1), 0) if ok.shape[1]
                 else np.zeros(len(ok), dtype=np.int64) for _, _, ok in parts]
@@ -308,7 +312,6 @@ class NumpyBackend(AttentionKernels):
         parts = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0)[order], ok[order]) for c, ids, ok in parts]
         cost, ends = cost[order], [e[order] for e in ends]
         out = np.empty(q.shape, dtype=F32)
-        sinks = sinks.astype(F32)
         i = 0
         while i < len(order):
             j = i + 1
