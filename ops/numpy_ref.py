@@ -69,6 +69,16 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(F32(0.0), x).astype(F32, copy=False)
 
 
+def _rsqrt_mean_square(x: np.ndarray, eps: float) -> np.ndarray:
+    """1 / sqrt(mean(x^2, last axis) + eps) as a [..., 1] column: np.mean's own steps (sum, then true_divide by
+    the intp count) without its Python wrapper, in place on the column (this runs ~30 times a decode step)."""
+    ms = np.add.reduce(np.square(x), axis=-1, keepdims=True)
+    np.true_divide(ms, np.intp(x.shape[-1]), out=ms, casting="unsafe")
+    ms += F32(eps)
+    np.sqrt(ms, out=ms)
+    return np.divide(F32(1.0), ms, out=ms)
+
+
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     e = np.exp(x - m)
@@ -141,14 +151,7 @@ class NumpyBackend(AttentionKernels):
         return np.asarray(table[ids], dtype=F32)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-        # np.mean's own steps (sum, then true_divide by the intp count) without its Python wrapper; in place on
-        # the [..., 1] column: these run ~20 times a step on a few rows
-        ms = np.add.reduce(np.square(x), axis=-1, keepdims=True)
-        np.true_divide(ms, np.intp(x.shape[-1]), out=ms, casting="unsafe")
-        ms += F32(eps)
-        np.sqrt(ms, out=ms)
-        np.divide(F32(1.0), ms, out=ms)
-        y = x * ms
+        y = x * _rsqrt_mean_square(x, eps)
         if weight is not None:
             y *= weight
         return y
@@ -188,17 +191,20 @@ class NumpyBackend(AttentionKernels):
     def _hc_mixes(self, x: np.ndarray, fn: np.ndarray, norm_eps: float) -> np.ndarray:
         T, n, d = x.shape
         xf = x.reshape(T, n * d)
-        r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
-        return (xf @ fn.T) * r
+        return (xf @ fn.T) * _rsqrt_mean_square(xf, norm_eps)
 
     def hc_pre(self, x, fn, scale, base, iters, hc_eps, norm_eps):
         T, n, _ = x.shape
         m = self._hc_mixes(x, fn, norm_eps)
         eps = F32(hc_eps)
-        pre = _sigmoid(m[:, :n] * scale[0] + base[:n]) + eps
-        post = F32(2.0) * _sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
-        comb = (m[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(T, n, n)
-        comb = _softmax(comb, axis=-1) + eps
+        # every mix's scale (pre, post, comb: the same elementwise products as per slice) and shift at once, one
+        # sigmoid for pre and post
+        z = m * np.repeat(scale, (n, n, n * n))
+        z += base
+        g = _sigmoid(z[:, :2 * n])
+        pre = g[:, :n] + eps
+        post = F32(2.0) * g[:, n:]
+        comb = _softmax(z[:, 2 * n:].reshape(T, n, n), axis=-1) + eps
         # Sinkhorn: alternate column / row normalisation, in place on small buffers (the loop is ~120 calls on
         # [T, n, n]: call overhead, not arithmetic, is its cost); same operations and order as comb / (sum + eps)
         red = np.add.reduce
