@@ -358,10 +358,11 @@ class NumpyBackend(AttentionKernels):
         else:
             choice = scores + bias if bias is not None else scores
             idx = np.argpartition(-choice, topk - 1, axis=-1)[:, :topk].astype(np.int64)
-        w = np.take_along_axis(scores, idx, axis=-1)
+        w = scores[np.arange(len(idx))[:, None], idx]  # take_along_axis's values, without its Python wrapper
         if norm_topk_prob and score_func != "softmax":
-            w = w / (np.sum(w, axis=-1, keepdims=True) + F32(1e-20))
-        return (w * F32(route_scale)).astype(F32), idx
+            w /= np.add.reduce(w, axis=-1, keepdims=True) + F32(1e-20)
+        w *= F32(route_scale)
+        return w.astype(F32, copy=False), idx
 
     @staticmethod
     def _swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
