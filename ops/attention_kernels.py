@@ -297,22 +297,24 @@ class AttentionKernels:
             # W (.) Scale_Q product); int8 values are exact in float32
             weights = weights * query_dequant_scale
         out = np.full((T, 1, K), -1, dtype=np.int32)
-        a = 0
-        for b, e in enumerate(ends.tolist()):
-            n = int(e) - a
-            if n <= 0:
-                continue
-            L = int(kl[b])
-            J = L // r
+        starts = np.zeros_like(ends)
+        starts[1:] = ends[:-1]
+        n_q, J_all = ends - starts, kl // r
+        live = np.nonzero(n_q > 0)[0]
+        # the keys of all requests in one gather, then a slice per request (one host index build, not one each)
+        reqs, rows = (int(live[0]), np.arange(J_all[live[0]])) if len(live) == 1 else self._ragged(live, J_all[live])
+        key_all = self._gather(key, bt, reqs, rows) if len(rows) else None
+        if key_dequant_scale is not None and len(rows):
+            key_all = key_all * self._gather(key_dequant_scale.reshape(*key_dequant_scale.shape[:2], 1), bt, reqs,
+                                             rows)
+        o = 0
+        for b in live.tolist():
+            a, e, n, L, J = int(starts[b]), int(ends[b]), int(n_q[b]), int(kl[b]), int(J_all[b])
             qpos = np.arange(L - n, L) if sparse_mode == 3 else np.full(n, J * r - 1)
-            rows = np.arange(J)
-            keys = self._gather(key, bt, b, rows) if J else self.zeros((0, int(key.shape[-1])))
-            if key_dequant_scale is not None and J:
-                keys = keys * self._gather(key_dequant_scale.reshape(*key_dequant_scale.shape[:2], 1), bt, b, rows)
-            q = query[a:e]
-            sel = self.to_numpy(self.indexer_topk(q, weights[a:e], keys, self._idx(qpos), r, K, 1.0))
+            keys = key_all[o:o + J] if J else self.zeros((0, int(key.shape[-1])))
+            o += J
+            sel = self.to_numpy(self.indexer_topk(query[a:e], weights[a:e], keys, self._idx(qpos), r, K, 1.0))
             out[a:e, 0, : sel.shape[1]] = sel
-            a = int(e)
         return self.from_numpy(out), self.zeros((T, 1, K))
 
     # ---- sparse shared-KV attention -------------------------------------------------------------------------------

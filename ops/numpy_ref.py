@@ -26,6 +26,7 @@ ATTN_BLOCK = 64
 _GEMV_ROWS = 6  # up to this many rows, one matrix-vector product per row over cache-sized weight blocks
 _CACHED_BYTES = 8 << 20  # a weight block that stays in the last-level cache while every row reads it
 _COL_BLOCK = 1024  # output columns per block of a large weight's product over 7..16 rows
+_MOE_RUN_ROWS = 1024  # routed rows per run of experts sharing one SwiGLU call (bounds its buffers on long prompts)
 
 
 def _x_wt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -68,6 +69,16 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(F32(0.0), x).astype(F32, copy=False)
 
 
+def _rsqrt_mean_square(x: np.ndarray, eps: float) -> np.ndarray:
+    """1 / sqrt(mean(x^2, last axis) + eps) as a [..., 1] column: np.mean's own steps (sum, then true_divide by
+    the intp count) without its Python wrapper, in place on the column (this runs ~30 times a decode step)."""
+    ms = np.add.reduce(np.square(x), axis=-1, keepdims=True)
+    np.true_divide(ms, np.intp(x.shape[-1]), out=ms, casting="unsafe")
+    ms += F32(eps)
+    np.sqrt(ms, out=ms)
+    return np.divide(F32(1.0), ms, out=ms)
+
+
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     e = np.exp(x - m)
@@ -78,11 +89,13 @@ def _sink_softmax_values(s: np.ndarray, mask: np.ndarray, keys: np.ndarray | lis
                          sinks: np.ndarray) -> np.ndarray:
     """Attention output from scaled scores s [R, H, S] over keys [S, D] (shared by the rows), or a list of
     per-row key blocks [R, S_i, D] that together make the S (K = V): softmax over the keys where mask [R, S],
-    the per-head sink in the denominator only."""
+    the per-head sink in the denominator only. s is overwritten."""
     R, H, S = s.shape
-    s = np.where(mask[:, None, :], s, -np.inf)
+    # in place on the caller's score buffer (the values of np.where(mask, s, -inf) and np.exp(s - m))
+    np.copyto(s, -np.inf, where=~mask[:, None, :])
     m = np.maximum(np.max(s, axis=-1), sinks[None, :])
-    p = np.exp(s - m[..., None])
+    s -= m[..., None]
+    p = np.exp(s, out=s)
     denom = np.sum(p, axis=-1) + np.exp(sinks[None, :] - m)
     if isinstance(keys, np.ndarray):
         o = (p.reshape(-1, S) @ keys).reshape(R, H, -1)
@@ -138,8 +151,7 @@ class NumpyBackend(AttentionKernels):
         return np.asarray(table[ids], dtype=F32)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-        ms = np.mean(np.square(x), axis=-1, keepdims=True)
-        y = x * (F32(1.0) / np.sqrt(ms + F32(eps)))
+        y = x * _rsqrt_mean_square(x, eps)
         if weight is not None:
             y *= weight
         return y
@@ -179,26 +191,41 @@ class NumpyBackend(AttentionKernels):
     def _hc_mixes(self, x: np.ndarray, fn: np.ndarray, norm_eps: float) -> np.ndarray:
         T, n, d = x.shape
         xf = x.reshape(T, n * d)
-        r = F32(1.0) / np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True) + F32(norm_eps))
-        return (xf @ fn.T) * r
+        return (xf @ fn.T) * _rsqrt_mean_square(xf, norm_eps)
 
     def hc_pre(self, x, fn, scale, base, iters, hc_eps, norm_eps):
         T, n, _ = x.shape
         m = self._hc_mixes(x, fn, norm_eps)
         eps = F32(hc_eps)
-        pre = _sigmoid(m[:, :n] * scale[0] + base[:n]) + eps
-        post = F32(2.0) * _sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
-        comb = (m[:, 2 * n:] * scale[2] + base[2 * n:]).reshape(T, n, n)
-        comb = _softmax(comb, axis=-1) + eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        # every mix's scale (pre, post, comb: the same elementwise products as per slice) and shift at once, one
+        # sigmoid for pre and post
+        z = m * np.repeat(scale, (n, n, n * n))
+        z += base
+        g = _sigmoid(z[:, :2 * n])
+        pre = g[:, :n] + eps
+        post = F32(2.0) * g[:, n:]
+        comb = _softmax(z[:, 2 * n:].reshape(T, n, n), axis=-1) + eps
+        # Sinkhorn: alternate column / row normalisation, in place on small buffers (the loop is ~120 calls on
+        # [T, n, n]: call overhead, not arithmetic, is its cost); same operations and order as comb / (sum + eps)
+        red = np.add.reduce
+        rows, cols = np.empty((T, n, 1), dtype=comb.dtype), np.empty((T, 1, n), dtype=comb.dtype)
+        red(comb, axis=-2, keepdims=True, out=cols)
+        cols += eps
+        comb /= cols
         for _ in range(iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+            red(comb, axis=-1, keepdims=True, out=rows)
+            rows += eps
+            comb /= rows
+            red(comb, axis=-2, keepdims=True, out=cols)
+            cols += eps
+            comb /= cols
         y = np.einsum("tn,tnd->td", pre, x)
         return y, post, comb
 
     def hc_post(self, y, x, post, comb):
-        return post[:, :, None] * y[:, None, :] + np.matmul(comb.transpose(0, 2, 1), x)
+        out = np.matmul(comb.transpose(0, 2, 1), x)
+        out += post[:, :, None] * y[:, None, :]  # a + b == b + a exactly: the old sum, without a temporary
+        return out
 
     def hc_head(self, x, fn, scale, base, hc_eps, norm_eps):
         m = self._hc_mixes(x, fn, norm_eps)
@@ -219,18 +246,21 @@ class NumpyBackend(AttentionKernels):
             return np.zeros((T, 0), dtype=np.int64)
         out = np.empty((T, k), dtype=np.int64)
         jidx = np.arange(J)
+        # entry j is visible to a query at p iff (j + 1) * ratio <= p + 1, i.e. iff j < (p + 1) // ratio
+        nvis = (np.asarray(q_pos, dtype=np.int64) + 1) // ratio
         for a in range(0, T, ATTN_BLOCK):
             b = min(T, a + ATTN_BLOCK)
             qb = q[a:b]
             s = np.matmul(qb.reshape(-1, qb.shape[-1]), keys.T).reshape(b - a, qb.shape[1], J)
             np.maximum(s, 0, out=s)
-            score = np.einsum("thj,th->tj", s, weights[a:b]) * F32(scale)
-            visible = (jidx[None, :] + 1) * ratio <= q_pos[a:b, None] + 1
-            score = np.where(visible, score, -np.inf)
+            score = np.einsum("thj,th->tj", s, weights[a:b])
+            score *= F32(scale)
+            nv = nvis[a:b, None]
+            np.copyto(score, -np.inf, where=jidx[None, :] >= nv)
             # stable: equal scores (e.g. every head's relu at 0) resolve to the lower entry index
-            sel = np.argsort(-score, axis=-1, kind="stable")[:, :k]
-            ok = np.take_along_axis(visible, sel, axis=-1)
-            out[a:b] = np.where(ok, sel, -1)
+            np.negative(score, out=score)
+            sel = np.argsort(score, axis=-1, kind="stable")[:, :k]
+            out[a:b] = np.where(sel < nv, sel, -1)
         return out
 
     def sparse_attention(self, q, q_pos, kv, kv_pos, window, comp, ratio, comp_sel, sinks, scale):
@@ -273,34 +303,40 @@ class NumpyBackend(AttentionKernels):
         entries). Rows go in batched products over zero-padded key blocks; rows of similar key counts share a
         block, so that padding (masked, but multiplied) stays under ~1/4 of the work."""
         parts = [(ori_kv, win_ids, win_ok)] + ([] if cmp_ids is None else [(cmp_kv, cmp_ids, cmp_ok)])
+        sinks = sinks.astype(F32)
+        if len(q) == 1:  # one row: the plan already cut each part at its last valid column, so no blocks to form
+            one = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0), ok) for c, ids, ok in parts]
+            return self._attend_rows(q, one, sinks, scale).astype(F32, copy=False)
         # per row and part: columns up to the last valid one
         ends = [np.where(ok.any(axis=1), ok.shape[1] - np.argmax(ok[:, ::-1], axis=1), 0) if ok.shape[1]
                 else np.zeros(len(ok), dtype=np.int64) for _, _, ok in parts]
         cost = sum(ends)
         order = np.argsort(-cost, kind="stable")
+        # rows permuted once into cost order, so that each block of rows below is a slice (a view), not a gather;
+        # padding ids may point at released (null) blocks: they read slot 0 (and are zeroed in _attend_rows)
+        qs = q[order]
+        parts = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0)[order], ok[order]) for c, ids, ok in parts]
+        cost, ends = cost[order], [e[order] for e in ends]
         out = np.empty(q.shape, dtype=F32)
-        sinks = sinks.astype(F32)
         i = 0
         while i < len(order):
             j = i + 1
-            while j < len(order) and cost[order[j]] * 4 >= cost[order[i]] * 3:
+            while j < len(order) and cost[j] * 4 >= cost[i] * 3:
                 j += 1
-            rows = order[i:j]
-            cols = [int(e[rows].max()) for e in ends]
-            out[rows] = self._attend_rows(q[rows], [(c, ids[rows, :n], ok[rows, :n]) for (c, ids, ok), n
-                                                    in zip(parts, cols, strict=True)], sinks, scale)
+            cols = [int(e[i:j].max()) for e in ends]
+            out[order[i:j]] = self._attend_rows(qs[i:j], [(c, ids[i:j, :n], ok[i:j, :n]) for (c, ids, ok), n
+                                                          in zip(parts, cols, strict=True)], sinks, scale)
             i = j
         return out
 
     @staticmethod
     def _attend_rows(q: np.ndarray, parts: list, sinks: np.ndarray, scale: float) -> np.ndarray:
-        D = q.shape[-1]
-        # one gather per cache, scored part by part (no concatenated copy); padding ids may point at released
-        # (null) blocks: they read slot 0 and are zeroed, so that a masked key (weight exactly 0) never meets
-        # a non-finite value
+        # parts: (cache rows [slots, D], slot ids, validity) per cache. One gather per cache, scored part by part
+        # (no concatenated copy); masked keys are zeroed, so that a masked key (weight exactly 0) never meets
+        # a non-finite value of a released block
         keys = []
-        for cache, ids, ok in parts:
-            k = cache.reshape(-1, D)[np.where(ok, ids, 0)]
+        for rows, ids, ok in parts:
+            k = np.take(rows, ids, axis=0)  # np.take: the same rows as rows[ids], copied faster
             k[~ok] = 0
             keys.append(k)
         s = np.concatenate([np.matmul(q, k.transpose(0, 2, 1)) for k in keys], axis=-1)
@@ -322,10 +358,11 @@ class NumpyBackend(AttentionKernels):
         else:
             choice = scores + bias if bias is not None else scores
             idx = np.argpartition(-choice, topk - 1, axis=-1)[:, :topk].astype(np.int64)
-        w = np.take_along_axis(scores, idx, axis=-1)
+        w = scores[np.arange(len(idx))[:, None], idx]  # take_along_axis's values, without its Python wrapper
         if norm_topk_prob and score_func != "softmax":
-            w = w / (np.sum(w, axis=-1, keepdims=True) + F32(1e-20))
-        return (w * F32(route_scale)).astype(F32), idx
+            w /= np.add.reduce(w, axis=-1, keepdims=True) + F32(1e-20)
+        w *= F32(route_scale)
+        return w.astype(F32, copy=False), idx
 
     @staticmethod
     def _swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
@@ -343,20 +380,31 @@ class NumpyBackend(AttentionKernels):
         flat = ids.reshape(-1)
         order = np.argsort(flat, kind="stable")  # init_routing: rows grouped by expert
         counts = np.bincount(flat, minlength=experts.n_experts)
+        first = np.cumsum(counts) - counts
         ys = np.zeros((T * k, x.shape[1]), dtype=F32)
         wflat = weights.reshape(-1)
-        start = 0
-        for e in np.nonzero(counts)[0]:
-            n = int(counts[e])
-            rows = order[start:start + n]
-            start += n
-            le = experts.local(int(e))
-            if not 0 <= le < experts.count:
-                continue  # held by another expert-parallel rank
+        # experts held by this rank (the others belong to another expert-parallel rank), in id order
+        held = [int(e) for e in np.nonzero(counts)[0] if 0 <= experts.local(int(e)) < experts.count]
+        # runs of experts of up to _MOE_RUN_ROWS rows: each expert's gate and up products, then one SwiGLU and
+        # routing-weight product over the run's rows (a decode batch spreads a few rows over many experts, where
+        # per-expert elementwise calls cost more than their arithmetic; elementwise, so the same values)
+        i = 0
+        while i < len(held):
+            j, n = i + 1, int(counts[held[i]])
+            while j < len(held) and n + int(counts[held[j]]) <= _MOE_RUN_ROWS:
+                n += int(counts[held[j]])
+                j += 1
+            run = held[i:j]
+            rows = np.concatenate([order[first[e]:first[e] + counts[e]] for e in run])
             xt = x[rows // k]
-            h = self._swiglu(self.linear(xt, experts.w1[le]), self.linear(xt, experts.w3[le]), limit)
+            bounds = np.concatenate([[0], np.cumsum(counts[run])]).tolist()
+            lin = [(experts.local(e), a, b) for e, a, b in zip(run, bounds[:-1], bounds[1:], strict=True)]
+            g = self.cat([self.linear(xt[a:b], experts.w1[le]) for le, a, b in lin])
+            u = self.cat([self.linear(xt[a:b], experts.w3[le]) for le, a, b in lin])
+            h = self._swiglu(g, u, limit)
             h *= wflat[rows][:, None]
-            ys[rows] = self.linear(h, experts.w2[le])
+            ys[rows] = self.cat([self.linear(h[a:b], experts.w2[le]) for le, a, b in lin])
+            i = j
         # finalize_routing: sum each token's k expert outputs
         return ys.reshape(T, k, x.shape[1]).sum(axis=1)
 

@@ -308,6 +308,35 @@ def test_sparse_attn_sharedkv_batched_decode_equals_per_request(mode):
         np.testing.assert_allclose(out[a:e], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sel", "all", "none"])
+@pytest.mark.parametrize("L", [3, 40])
+def test_sparse_attn_sharedkv_single_decode_row_equals_dense(mode, L):
+    """A call with one decode row (batch 1 decode: the batched path's one-row shortcut) attends exactly the keys
+    the dense reference gives that row: window (shorter than W at L 3), selected or all visible compressed
+    entries."""
+    rng = np.random.default_rng(L)
+    H, D, W, ratio, bs, K = 4, 16, 8, 4, 16, 7
+    raw = rng.standard_normal((L, D)).astype(np.float32)
+    comp = rng.standard_normal((max(L // ratio, 1), D)).astype(np.float32)
+    ori, obt = _paged([raw], D, bs, rng)
+    cmp, cbt = _paged([comp], D, bs, rng)
+    q = rng.standard_normal((1, H, D)).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    sel = None
+    if mode == "sel":
+        sel = np.full((1, 1, K), -1, np.int32)
+        sel[0, 0, :4] = [len(comp) - 1, 0, len(comp) + 1, 0]  # a repeat, and one past the visible entries
+    out, _ = NumpyBackend().sparse_attn_sharedkv(
+        q, ori_kv=ori, cmp_kv=None if mode == "none" else cmp, cmp_sparse_indices=sel, ori_block_table=obt,
+        cmp_block_table=None if mode == "none" else cbt, cu_seqlens_q=np.array([0, 1], np.int32),
+        seqused_kv=np.array([L], np.int32), sinks=sinks, softmax_scale=0.3, cmp_ratio=ratio, ori_win_left=W - 1,
+        layout_q="TND", layout_kv="PA_ND")
+    want = _dense_attention(q, np.array([L - 1]), raw, comp[:L // ratio] if mode != "none" else [], ratio,
+                            None if sel is None else sel[:, 0], W, sinks, 0.3)
+    assert out.dtype == np.float32 and out.shape == q.shape
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ratio,coff", [(4, 2), (8, 1)])
 def test_compressor_requests_together_equal_each_alone(ratio, coff):
     """One compressor call over several requests (all written and pooled at once: a prefill chunk from 0,
