@@ -15,9 +15,9 @@ from .model import Model
 SEED_END = 2**63  # seeds are in [0, SEED_END): one numpy Generator seed per run (or per served request)
 
 
-def draw_seed() -> int:
-    """The seed of a run (or served request) that names none: drawn from the OS, in [0, 2**32)."""
-    return random.SystemRandom().randrange(2**32)
+def seed_or_draw(seed: int | None) -> int:
+    """`seed`, or for a run (or served request) that names none one drawn from the OS, in [0, 2**32)."""
+    return seed if seed is not None else random.SystemRandom().randrange(2**32)
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Ranks:
 
     def agree_seed(self, seed: int | None) -> int:
         """One seed for every process: `seed`, or one drawn here when None."""
-        return seed if seed is not None else draw_seed()
+        return seed_or_draw(seed)
 
     def active_anywhere(self, active: list[int], n: int) -> list[int]:
         """The sequences of the whole batch still generating, given this process's active ones (sorted)."""

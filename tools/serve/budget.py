@@ -63,7 +63,6 @@ class BlockBudget:
         self._lock = threading.Lock()  # /metrics reads from the HTTP thread while the engine thread admits
         self._held: dict[int, tuple[int, int, dict[str, int]]] = {}  # seq -> (owner, tokens, blocks per kind)
         self._reserved = [dict.fromkeys(self.pool, 0) for _ in range(world)]
-        self._tokens = 0
         self.need = functools.lru_cache(maxsize=4096)(self._need)
         self._in_use = in_use or (lambda: [manager.blocks_in_use()])
 
@@ -94,24 +93,22 @@ class BlockBudget:
             for k, n in need.items():
                 self._reserved[owner][k] += n
             self._held[seq_id] = (owner, n_tokens, need)
-            self._tokens += n_tokens
 
     def release(self, seq_id: int) -> None:
         with self._lock:
             held = self._held.pop(seq_id, None)
             if held is None:
                 return
-            owner, tokens, need = held
+            owner, _, need = held
             for k, n in need.items():
                 self._reserved[owner][k] -= n
-            self._tokens -= tokens
 
     def stats(self) -> dict[str, Any]:
         """Gauges: tokens reserved, blocks per kind (pool per rank, reserved and in use per rank), bytes (one
         rank's pools; in use over all ranks), and the usage ratio of the tightest pool."""
         with self._lock:
             reserved = [dict(r) for r in self._reserved]
-            tokens = self._tokens
+            tokens = sum(t for _, t, _ in self._held.values())
         in_use = self._in_use()
         block_bytes = {k: self.mgr.block_bytes(k) for k in self.pool}
         ratio = max((sum(r[k] for r in reserved) / (self.pool[k] * self.world) for k in self.pool if self.pool[k]),

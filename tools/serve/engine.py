@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from common.generate import SamplingParams, draw_seed
+from common.generate import SamplingParams, seed_or_draw
 
 from .metrics import Metrics
 from .runner import SeqSpec, StepItem, StepPlan, TokenResult
@@ -93,7 +93,8 @@ class Handle:
 
 
 class _Seq:
-    def __init__(self, req_id: int, prompt: list[int], opts: Options, handle: Handle, tokenizer: Any):
+    def __init__(self, req_id: int, prompt: list[int], opts: Options, handle: Handle, tokenizer: Any,
+                 context: int):
         self.id = req_id
         self.prompt = prompt
         self.opts = opts
@@ -107,7 +108,7 @@ class _Seq:
         self.owner = 0
         self.arrived = time.perf_counter()
         self.last_token: float | None = None
-        self.reserved = 0
+        self.context = context  # tokens of context its cache reservation covers: prompt + max_tokens, capped
 
     def detok(self, finished: bool) -> tuple[str, str | None]:
         """New text to deliver, and 'stop' when a stop string ended the reply."""
@@ -175,7 +176,7 @@ class Engine:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting; retry later")
             rid = next(self._ids)
             h = Handle(rid, loop, len(prompt))
-            self._inbox.append(_Seq(rid, list(prompt), opts, h, self.tokenizer))
+            self._inbox.append(_Seq(rid, list(prompt), opts, h, self.tokenizer, need))
             self._cv.notify()
         return h
 
@@ -259,17 +260,16 @@ class Engine:
         plan = StepPlan(release=release)
         while self.waiting and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
-            need = min(len(s.prompt) + s.opts.max_new_tokens, self.max_model_len)
-            rooms = self.budget.ranks_with_room(need)
+            rooms = self.budget.ranks_with_room(s.context)
             if not rooms:
                 break  # first come first served: the head waits for room
             self.waiting.popleft()
             s.owner = self.runner.owner_for(self._loads, rooms)
-            self.budget.allocate(s.id, need, s.owner)
+            self.budget.allocate(s.id, s.context, s.owner)
             self._loads[s.owner] += 1
             self.running[s.id] = s
-            seed = s.opts.seed if s.opts.seed is not None else draw_seed()  # the executor's Generator needs one
-            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed), s.opts.logprobs))
+            # the executor's Generator needs a seed
+            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed_or_draw(s.opts.seed)), s.opts.logprobs))
         budget = self.max_batched_tokens
         decoding = [s for s in self.running.values() if s.fed == len(s.prompt)]
         for s in decoding:  # decode first: one token each keeps inter-token latency flat
