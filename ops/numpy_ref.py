@@ -305,7 +305,7 @@ class NumpyBackend(AttentionKernels):
         parts = [(ori_kv, win_ids, win_ok)] + ([] if cmp_ids is None else [(cmp_kv, cmp_ids, cmp_ok)])
         sinks = sinks.astype(F32)
         if len(q) == 1:  # one row: the plan already cut each part at its last valid column, so no blocks to form
-            one = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0), ok) for c, ids, ok in parts]
+            one = [(c.reshape(-1, c.shape[-1]), ids, ok) for c, ids, ok in parts]
             return self._attend_rows(q, one, sinks, scale).astype(F32, copy=False)
         # per row and part: columns up to the last valid one
         ends = [np.where(ok.any(axis=1), ok.shape[1] - np.argmax(ok[:, ::-1], axis=1), 0) if ok.shape[1]
@@ -313,9 +313,9 @@ class NumpyBackend(AttentionKernels):
         cost = sum(ends)
         order = np.argsort(-cost, kind="stable")
         # rows permuted once into cost order, so that each block of rows below is a slice (a view), not a gather;
-        # padding ids may point at released (null) blocks: they read slot 0 (and are zeroed in _attend_rows)
+        # the plan's padding ids are in-range slots (their keys are zeroed in _attend_rows)
         qs = q[order]
-        parts = [(c.reshape(-1, c.shape[-1]), np.where(ok, ids, 0)[order], ok[order]) for c, ids, ok in parts]
+        parts = [(c.reshape(-1, c.shape[-1]), ids[order], ok[order]) for c, ids, ok in parts]
         cost, ends = cost[order], [e[order] for e in ends]
         out = np.empty(q.shape, dtype=F32)
         i = 0
