@@ -174,8 +174,17 @@ def ceiling(model: str, prompts: list[list[int]], max_tokens: int, conc: list[in
     def step(b: int) -> float:
         return decode_step(m, [prompts[i % len(prompts)] for i in range(b)], 5)["ms"] / 1e3
 
-    one = statistics.mean(prefill([p]) for p in prompts) + max_tokens * step(1)
-    return {c: one / (packed_prefill(c) + max_tokens * step(c) / c) for c in conc}
+    pre1, step1 = statistics.mean(prefill([p]) for p in prompts), step(1)
+    one = pre1 + max_tokens * step1
+    print(f"  one at a time: prefill {1e3 * pre1:.1f} ms (mean over the prompts) + {max_tokens} steps of "
+          f"{1e3 * step1:.1f} ms")
+    out = {}
+    for c in conc:
+        pre_c, step_c = packed_prefill(c), step(c)
+        print(f"  {c:3d} clients: packed prefill {1e3 * pre_c:.1f} ms per request + {max_tokens} shares of a "
+              f"{1e3 * step_c:.1f} ms batch-{c} step")
+        out[c] = one / (pre_c + max_tokens * step_c / c)
+    return out
 
 
 def main() -> int:
