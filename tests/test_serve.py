@@ -219,9 +219,12 @@ def test_tool_request_round_trip_prompt(client, tok):
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": 2.5}, "temperature"),
     ({"model": MODEL, "prompt": list(range(5, 5 + MAX_LEN + 1))}, "prompt"),
-    ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"model": MODEL, "prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
-    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {str(10**9): 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
     ({"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
     ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
@@ -261,7 +264,7 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client):
     assert e.value.body["param"] == "tool_choice"
 
 
-@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"])
 @pytest.mark.parametrize("value", ["NaN", "Infinity"])
 def test_non_finite_sampling_numbers_answer_400(server, field, value):
     """json.loads reads NaN / Infinity; they are a 400 naming the field, not a SamplingParams ValueError (500)."""

@@ -2,7 +2,8 @@
 /metrics. Requests are validated here (OpenAI-style error bodies), rendered with the V4 chat format
 (common/chat.py) and handed to the engine; replies stream as server-sent events or come back whole.
 
-Extensions beside the OpenAI fields (as vLLM names them): `top_k`, `stop_token_ids`, `ignore_eos`,
+Penalties and `logit_bias` are applied as vLLM applies them (tools/serve/penalties.py). Extensions beside the
+OpenAI fields (as vLLM names them): `top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`, `min_tokens`,
 `chat_template_kwargs: {"thinking": true}` (V4 thinking mode; also `enable_thinking`), `reasoning_effort`
 ("max" adds the official max-effort preamble in thinking mode), and `token_ids` in every choice.
 """
@@ -31,6 +32,7 @@ from common.chat import (
 from common.generate import SEED_END
 
 from .engine import Engine, EngineUnavailable, Event, Options, QueueFull, RequestTooLarge
+from .penalties import BIAS_RANGE, PENALTY_RANGE
 
 MAX_TOP_LOGPROBS = 20
 
@@ -97,14 +99,43 @@ def _options(body: dict, cfg: ServeConfig, prompt_len: int, default_max: int | N
     temperature = float(_num(body, "temperature", 1.0, 0, 2))
     top_p = float(_num(body, "top_p", 1.0, 0, 1, lo_open=True))
     seed = _num(body, "seed", None, 0, SEED_END - 1, integer=True)
+    lo, hi = PENALTY_RANGE
+    presence = float(_num(body, "presence_penalty", 0.0, lo, hi))
+    frequency = float(_num(body, "frequency_penalty", 0.0, lo, hi))
+    repetition = float(_num(body, "repetition_penalty", 1.0, 0, lo_open=True))
+    min_tokens = _num(body, "min_tokens", 0, 0, integer=True)
+    if min_tokens > max_tokens:
+        raise ApiError(400, f"'min_tokens' ({min_tokens}) must not exceed {key} ({max_tokens})", "min_tokens")
     try:
         return Options(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
                        seed=seed, stop_on_eos=not body.get("ignore_eos", False), stop=stop, stop_token_ids=stop_ids,
-                       logprobs=logprobs)
+                       logprobs=logprobs, presence_penalty=presence, frequency_penalty=frequency,
+                       repetition_penalty=repetition, logit_bias=_logit_bias(body, cfg), min_tokens=min_tokens)
     except ValueError as e:  # a check SamplingParams gains that the lines above miss: still a 400, never a 500
         field, _, rest = str(e).partition(" ")  # "top_k must be ..."; the other fields keep their request names
         param = key if field == "max_new_tokens" else field
         raise ApiError(400, f"'{param}' {rest}", param) from None
+
+
+def _logit_bias(body: dict, cfg: ServeConfig) -> dict[int, float]:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}, ids in the vocabulary."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    lo, hi = BIAS_RANGE
+    out = {}
+    for k, v in raw.items():
+        tok = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else None
+        if tok is None or not 0 <= tok < cfg.vocab_size:
+            raise ApiError(400, f"'logit_bias' key {k!r} is not a token id in [0, {cfg.vocab_size})", "logit_bias")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not lo <= v <= hi):
+            raise ApiError(400, f"'logit_bias' value for token {tok} must be a number in [{lo:g}, {hi:g}], got "
+                                f"{v!r}", "logit_bias")
+        out[tok] = float(v)
+    return out
 
 
 def _check_ids(ids: list, cfg: ServeConfig, param: str) -> list[int]:
@@ -123,9 +154,8 @@ def _check_len(n: int, cfg: ServeConfig, param: str) -> None:
 
 
 # OpenAI parameters this server cannot honour, with the value that asks for nothing: any other value is a 400
-# naming the parameter, never silently ignored (a penalty or a JSON mode the client thinks is on would not be)
-_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
-                            "logit_bias": {}, "best_of": 1, "echo": False, "suffix": "", "min_tokens": 0}
+# naming the parameter, never silently ignored (an echo or a JSON mode the client thinks is on would not be)
+_NEUTRAL: dict[str, Any] = {"best_of": 1, "echo": False, "suffix": ""}
 
 
 def _reject_unsupported(body: dict) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 from common.generate import SamplingParams, seed_or_draw
 
 from .metrics import Metrics
+from .penalties import BIAS_RANGE, PENALTY_RANGE, Penalties
 from .runner import SeqSpec, StepItem, StepPlan, TokenResult
 
 
@@ -61,6 +63,35 @@ class Options(SamplingParams):
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not lo <= v <= hi:  # also refuses NaN
+                raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        lo, hi = BIAS_RANGE
+        bad = [(t, b) for t, b in self.logit_bias.items() if t < 0 or not lo <= b <= hi]
+        if bad:
+            raise ValueError(f"logit_bias must map token ids >= 0 to biases in [{lo:g}, {hi:g}], got "
+                             f"{bad[0][0]}: {bad[0][1]}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_new_tokens}], got {self.min_tokens}")
+
+    def penalties(self, eos: set[int]) -> Penalties | None:
+        """What the executor applies to this request's logits, or None when it asks for nothing."""
+        stops = tuple(sorted((eos if self.stop_on_eos else set()) | set(self.stop_token_ids)))
+        p = Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
+                      tuple(sorted(self.logit_bias.items())), self.min_tokens, stops)
+        return p if p.active else None
 
 
 @dataclass
@@ -116,9 +147,10 @@ class _Seq:
             return "", None
         full = self.tokenizer.decode(self.out, skip_special_tokens=False)
         hit = None
-        if self.opts.stop:
-            start = max(0, len(self.text) - self.max_stop)
-            found = [(full.find(s, start), s) for s in self.opts.stop]
+        if self.opts.stop and len(self.out) >= self.opts.min_tokens:  # as vLLM: no stop string before min_tokens
+            # only a match that ends in the new text counts (one in text seen before min_tokens does not)
+            prev = len(self.text.rstrip("\ufffd"))
+            found = [(full.find(s, max(0, prev - len(s) + 1)), s) for s in self.opts.stop]
             found = [(i, s) for i, s in found if i >= 0]
             if found:
                 full, hit = full[:min(found)[0]], "stop"
@@ -269,7 +301,8 @@ class Engine:
             self._loads[s.owner] += 1
             self.running[s.id] = s
             # the executor's Generator needs a seed
-            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed_or_draw(s.opts.seed)), s.opts.logprobs))
+            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed_or_draw(s.opts.seed)), s.opts.logprobs,
+                                    s.opts.penalties(self.eos)))
         budget = self.max_batched_tokens
         decoding = [s for s in self.running.values() if s.fed == len(s.prompt)]
         for s in decoding:  # decode first: one token each keeps inter-token latency flat

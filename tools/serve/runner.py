@@ -20,6 +20,8 @@ from typing import Any
 
 from common.generate import SamplingParams
 
+from .penalties import History, Penalties, apply_penalties
+
 
 @dataclass
 class StepItem:
@@ -39,6 +41,7 @@ class SeqSpec:
     owner: int
     sampling: SamplingParams  # with its seed set: the executor seeds the sequence's Generator with it
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    penalties: Penalties | None = None  # logits processing before sampling; None: none
 
 
 @dataclass
@@ -66,6 +69,7 @@ class StepExecutor:
         self.caches: dict[int, Any] = {}
         self.specs: dict[int, SeqSpec] = {}
         self.rngs: dict[int, Any] = {}
+        self.history: dict[int, History] = {}  # sequences with penalties: the tokens they look at
 
     def apply(self, plan: StepPlan, forward_when_empty: bool = False) -> dict[int, TokenResult]:
         import numpy as np
@@ -76,14 +80,21 @@ class StepExecutor:
                 self.model.caches.release(cache)
             self.specs.pop(sid, None)
             self.rngs.pop(sid, None)
+            self.history.pop(sid, None)
         for spec in plan.add:
             if spec.owner == self.rank:
                 self.caches[spec.seq_id] = self.model.new_cache()
                 self.specs[spec.seq_id] = spec
                 self.rngs[spec.seq_id] = np.random.default_rng(spec.sampling.seed)
+                if spec.penalties is not None:
+                    self.history[spec.seq_id] = History()
         mine = [it for it in plan.items if it.owner == self.rank]
         if not mine and not (forward_when_empty and plan.items):
             return {}
+        for it in mine:
+            h = self.history.get(it.seq_id)
+            if h is not None:
+                h.fed(it.ids)
         out = self.model.forward([self.caches[it.seq_id] for it in mine], [it.ids for it in mine])
         results: dict[int, TokenResult] = {}
         for it, lg in zip(mine, out.logits, strict=True):
@@ -96,7 +107,13 @@ class StepExecutor:
 
         spec = self.specs[sid]
         sp = spec.sampling
-        tok = int(self.B.sample(logits, sp.temperature, sp.top_k, sp.top_p, self.rngs[sid])[0])
+        h = self.history.get(sid)
+        draw = logits
+        if h is not None:
+            draw = self.B.from_numpy(apply_penalties(self.B.to_numpy(logits), spec.penalties, h)[None])
+        tok = int(self.B.sample(draw, sp.temperature, sp.top_k, sp.top_p, self.rngs[sid])[0])
+        if h is not None:
+            h.sampled(tok)
         if spec.logprobs is None:
             return TokenResult(tok)
         z = np.asarray(self.B.to_numpy(logits), dtype=np.float64)[0]
