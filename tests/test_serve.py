@@ -264,7 +264,8 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client):
     assert e.value.body["param"] == "tool_choice"
 
 
-@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
 @pytest.mark.parametrize("value", ["NaN", "Infinity"])
 def test_non_finite_sampling_numbers_answer_400(server, field, value):
     """json.loads reads NaN / Infinity; they are a 400 naming the field, not a SamplingParams ValueError (500)."""
