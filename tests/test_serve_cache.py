@@ -336,3 +336,73 @@ def test_block_size_flag_shapes_the_pools_and_serves_the_same_tokens(lm):
                 cli_built_server(lm, block_size=bad):
             pass
         assert e.value.code == EXIT_USAGE
+
+
+def test_preemption_admits_more_and_resumes_exactly(lm, capfd):
+    """Reservations grow with the context (8 tokens ahead here), so four requests run where their worst cases fit
+    two; when a rank runs out, the newest are preempted and recomputed later. Every reply, greedy, seeded
+    sampling and with penalties, equals the request run without contention, and the blocks in use never exceed the
+    reservations nor these the pools."""
+    prompts = [[0, 7 + i, 400 + 11 * i, 33] for i in range(4)]
+    max_tokens = 56  # 60 tokens of context: the worst cases of two fill the pools of --cache-tokens 64
+    extra = [{}, {}, {"temperature": 1.0, "seed": 7},
+             {"presence_penalty": 0.5, "frequency_penalty": 0.5, "extra_body": {"repetition_penalty": 1.2}}]
+    with cli_built_server(lm, cache_tokens=64) as (port, engine, model, logs):
+        engine.reserve_ahead = 8
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=180.0, max_retries=0)
+
+        def ask(i: int) -> list[int]:
+            kw = {"temperature": 0, **extra[i]}
+            kw["extra_body"] = {"ignore_eos": True, **kw.get("extra_body", {})}
+            return c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens,
+                                        **kw).choices[0].token_ids
+
+        alone = [ask(i) for i in range(4)]  # one at a time: no preemption
+        assert metric_value(port, "dsv4_requests_preempted_total") == 0
+        ref = Model(lm.cfg, lm.weights, get_backend("cpu"))
+        for i, sp in ((0, {}), (2, {"temperature": 1.0, "seed": 7})):  # the server's replies are generate's
+            assert alone[i] == generate(ref, [prompts[i]], SamplingParams(max_new_tokens=max_tokens,
+                                                                        stop_on_eos=False, **sp)).output_ids[0]
+        pools = dict(model.caches.capacity)
+        seen: dict[str, int] = {}
+        over: list[str] = []
+        most = {"running": 0}
+
+        def check() -> None:
+            st = engine.stats()
+            for k, b in st["cache_blocks"].items():
+                if model.caches.blocks_in_use()[k] > sum(b["reserved"]) or sum(b["reserved"]) > b["pool"]:
+                    over.append(k)
+            most["running"] = max(most["running"], st["running"])
+
+        watch_peaks(model.caches, seen, check)
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                results[i] = ask(i)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        engine.runner.gate.clear()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and engine.stats()["waiting"] + engine.stats()["running"] < 4:
+            time.sleep(0.02)
+        engine.runner.gate.set()
+        for t in threads:
+            t.join(300)
+        assert not errors and [results.get(i) for i in range(4)] == alone
+        assert most["running"] > 2, most  # more than the worst cases allow ran at once
+        assert metric_value(port, "dsv4_requests_preempted_total") >= 1
+        assert "dsv4 serve: preempted request" in capfd.readouterr().err  # the operator sees it in the log
+        assert not over and all(seen[k] <= pools[k] for k in seen)
+
+
+def metric_value(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])

@@ -182,3 +182,20 @@ def test_no_stop_string_before_min_tokens(tok):
             model=MODEL, prompt=[0, 5], max_tokens=len(script), stop=["Hi"], stream=True,
             extra_body={"min_tokens": n_first + 1}) if ch.choices)
         assert text == "Hi there. "
+
+
+def test_history_of_a_resumed_sequence_equals_the_uninterrupted_one():
+    """After a preemption the executor is fed prompt + reply so far: past n_prompt those tokens count as reply."""
+    prompt, reply = [3, 4, 4, 9], [7, 7, 2]
+    p = Penalties(0.5, 0.25, 1.3, ((2, 1.0),), 6, (1,))
+    h = History()
+    h.fed(prompt)
+    for t in reply:
+        h.sampled(t)
+        h.fed([t])  # decode feeds it back
+    r = History(len(prompt))
+    r.fed(prompt[:3])
+    r.fed(prompt[3:] + reply)  # recompute in two chunks
+    z = np.linspace(-3, 3, 12, dtype=np.float32)
+    assert (r.n_out, r.counts) == (h.n_out, h.counts)
+    np.testing.assert_array_equal(apply_penalties(z, p, r), apply_penalties(z, p, h))

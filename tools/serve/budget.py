@@ -4,10 +4,11 @@ peak blocks before it runs.
 The served Model's PagedCacheManager gets fixed pools (`serve_pools`), sized from --cache-tokens T ("room for T
 tokens of context"): what T tokens need as sequences of --max-model-len at their peak per kind
 (common/paged_cache.py `sequence_peak_blocks`), plus one partial block per sequence slot. `BlockBudget` (the
-engine's `CacheBudget`) reserves, when it admits a sequence, the peak blocks per kind of prompt + max_tokens tokens
-run in calls of at most --max-batched-tokens (`PagedCacheManager.peak_blocks`: the sliding kinds hold their window
-/ open compressor groups plus one call's rows before the trim that follows each forward). The reservations of the
-running sequences never exceed the pools, so no forward call can hit CacheFull.
+engine's `CacheBudget`) reserves, when it admits a sequence and again as it grows, the peak blocks per kind of the
+context it may reach before its next growth, run in calls of at most --max-batched-tokens
+(`PagedCacheManager.peak_blocks`: the sliding kinds hold their window / open compressor groups plus one call's rows
+before the trim that follows each forward). The reservations of the running sequences never exceed the pools, so
+no forward call can hit CacheFull; the engine preempts a sequence when its rank has no room for one to grow.
 
 Multi-rank: every rank builds the same pools and a sequence lives on one rank (its owner), so rank 0 keeps one
 account per rank: arithmetic only, no collectives.
@@ -93,6 +94,22 @@ class BlockBudget:
             for k, n in need.items():
                 self._reserved[owner][k] += n
             self._held[seq_id] = (owner, n_tokens, need)
+
+    def grow(self, seq_id: int, n_tokens: int, want: int) -> bool:
+        """Make the sequence's reservation cover `n_tokens` of context: True when it already does; else it grows
+        to `want` tokens (>= n_tokens) if its rank has room, or to `n_tokens`; False (unchanged) when neither fits."""
+        with self._lock:
+            owner, held, old = self._held[seq_id]
+            if n_tokens <= held:
+                return True
+            for target in (want, n_tokens):
+                new = self.need(target)
+                if all(self._reserved[owner][k] - old[k] + n <= self.pool[k] for k, n in new.items()):
+                    for k, n in new.items():
+                        self._reserved[owner][k] += n - old[k]
+                    self._held[seq_id] = (owner, target, new)
+                    return True
+            return False
 
     def release(self, seq_id: int) -> None:
         with self._lock:

@@ -7,11 +7,16 @@ being prefilled (chunked prefill beside decode, at most `max_batched_tokens` tok
 are detokenised incrementally, checked against stop strings / stop ids / EOS / length, and delivered to the
 request's asyncio queue. Finished sequences release their cache at once.
 
-Admission goes through `CacheBudget` so the scheduler does not depend on how caches are stored: the head of the
-waiting queue is admitted, first come first served, once some rank has room for its worst case (prompt +
-max_new_tokens, the request's max_tokens); the reservation is released when it finishes or is cancelled.
-`tools/serve/budget.py` BlockBudget implements it over the paged cache manager's fixed block pools (peak blocks
-per kind), so a running sequence never meets a full pool mid-step.
+Admission goes through `CacheBudget` so the scheduler does not depend on how caches are stored. A request is
+refused at once only when its worst case (prompt + max_tokens) could never fit the cache. The head of the waiting
+queue is admitted, first come first served, once some rank has room for its prompt and `reserve_ahead` tokens
+more; a decoding sequence's reservation grows by `reserve_ahead` tokens before the step that needs it. When its
+rank has no room left, the most recently admitted sequences of that rank are preempted (vLLM's recompute
+preemption): their cache is released and they go back to the front of the waiting queue, to be prefilled again
+with prompt + the tokens already generated, and then continue; what a client has received stays as it was. The
+oldest sequence therefore always progresses (alone on a rank, its worst case fits), and reservations are released
+when a sequence finishes or is cancelled. `tools/serve/budget.py` BlockBudget implements the budget over the paged
+cache manager's fixed block pools (peak blocks per kind), so no forward call meets a full pool.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from .metrics import Metrics
 from .penalties import BIAS_RANGE, PENALTY_RANGE, Penalties
 from .runner import SeqSpec, StepItem, StepPlan, TokenResult
 
+# tokens of context a reservation covers beyond what the sequence needs now: it grows every this many tokens
+RESERVE_AHEAD = 64
+
 
 class CacheBudget(Protocol):
     """What the scheduler needs from a cache manager; a sequence is sized by the context tokens it may reach."""
@@ -38,6 +46,7 @@ class CacheBudget(Protocol):
     def too_large(self, n_tokens: int) -> str | None: ...  # why it could never be admitted, or None
     def ranks_with_room(self, n_tokens: int) -> list[int]: ...  # ranks that can hold it now
     def allocate(self, seq_id: int, n_tokens: int, owner: int) -> None: ...
+    def grow(self, seq_id: int, n_tokens: int, want: int) -> bool: ...  # covers n_tokens (want if room)?
     def release(self, seq_id: int) -> None: ...
     def stats(self) -> dict[str, Any]: ...  # gauges: cache_capacity_tokens, cache_used_tokens, ...
 
@@ -130,7 +139,9 @@ class _Seq:
         self.prompt = prompt
         self.opts = opts
         self.handle = handle
-        self.fed = 0  # prompt tokens already in the cache
+        self.feed = self.prompt  # what a prefill runs: the prompt, or after a preemption prompt + out
+        self.fed = 0  # tokens of feed already in the cache
+        self.seed: int | None = None  # drawn at the first admission, kept across preemptions
         self.out: list[int] = []
         self.text = ""  # detokenised output (stop string removed)
         self.sent = 0  # characters of self.text delivered
@@ -139,7 +150,7 @@ class _Seq:
         self.owner = 0
         self.arrived = time.perf_counter()
         self.last_token: float | None = None
-        self.context = context  # tokens of context its cache reservation covers: prompt + max_tokens, capped
+        self.context = context  # its worst case: prompt + max_tokens tokens of context, capped
 
     def detok(self, finished: bool) -> tuple[str, str | None]:
         """New text to deliver, and 'stop' when a stop string ended the reply."""
@@ -167,7 +178,8 @@ class _Seq:
 class Engine:
     def __init__(self, runner: Any, budget: CacheBudget, tokenizer: Any, eos_ids: list[int], max_num_seqs: int,
                  max_model_len: int, max_batched_tokens: int = 512, max_waiting: int | None = None,
-                 metrics: Metrics | None = None, heartbeat_s: float = 1.0, log=None):
+                 metrics: Metrics | None = None, heartbeat_s: float = 1.0, log=None,
+                 reserve_ahead: int = RESERVE_AHEAD):
         self.runner = runner
         self.budget = budget
         self.tokenizer = tokenizer
@@ -178,6 +190,7 @@ class Engine:
         self.max_waiting = max_waiting if max_waiting is not None else 8 * max_num_seqs
         self.metrics = metrics or Metrics()
         self.heartbeat_s = heartbeat_s
+        self.reserve_ahead = max(1, reserve_ahead)  # tokens a reservation covers beyond the context it needs now
         self.log = log or (lambda m: None)
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
@@ -290,31 +303,67 @@ class Engine:
 
     def _schedule(self, release: list[int]) -> StepPlan:
         plan = StepPlan(release=release)
+        if not self._grow_reservations(plan):  # no admissions in a step that had to preempt
+            self._admit(plan)
+        budget = self.max_batched_tokens
+        decoding = [s for s in self.running.values() if s.fed == len(s.feed)]
+        for s in decoding:  # decode first: one token each keeps inter-token latency flat
+            plan.items.append(StepItem(s.id, [s.out[-1]], True, s.owner))
+            budget -= 1
+        for s in self.running.values():  # then prefill chunks, oldest first, within the step's token budget
+            if s.fed < len(s.feed) and budget > 0:
+                n = min(budget, len(s.feed) - s.fed)
+                plan.items.append(StepItem(s.id, s.feed[s.fed:s.fed + n], s.fed + n == len(s.feed), s.owner))
+                s.fed += n
+                budget -= n
+        return plan
+
+    def _ahead(self, s: _Seq, n: int) -> int:
+        return min(s.context, n + self.reserve_ahead)
+
+    def _admit(self, plan: StepPlan) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
-            rooms = self.budget.ranks_with_room(s.context)
+            first = self._ahead(s, len(s.feed))
+            rooms = self.budget.ranks_with_room(first)
             if not rooms:
                 break  # first come first served: the head waits for room
             self.waiting.popleft()
             s.owner = self.runner.owner_for(self._loads, rooms)
-            self.budget.allocate(s.id, s.context, s.owner)
+            self.budget.allocate(s.id, first, s.owner)
             self._loads[s.owner] += 1
             self.running[s.id] = s
-            # the executor's Generator needs a seed
-            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=seed_or_draw(s.opts.seed)), s.opts.logprobs,
-                                    s.opts.penalties(self.eos)))
-        budget = self.max_batched_tokens
-        decoding = [s for s in self.running.values() if s.fed == len(s.prompt)]
-        for s in decoding:  # decode first: one token each keeps inter-token latency flat
-            plan.items.append(StepItem(s.id, [s.out[-1]], True, s.owner))
-            budget -= 1
-        for s in self.running.values():  # then prompt chunks, oldest first, within the step's token budget
-            if s.fed < len(s.prompt) and budget > 0:
-                n = min(budget, len(s.prompt) - s.fed)
-                plan.items.append(StepItem(s.id, s.prompt[s.fed:s.fed + n], s.fed + n == len(s.prompt), s.owner))
-                s.fed += n
-                budget -= n
-        return plan
+            if s.seed is None:  # the executor's Generator needs one, the same again after a preemption
+                s.seed = seed_or_draw(s.opts.seed)
+            # a resumed sequence: its feed holds its first tokens, its Generator skips the draws they took
+            skip = len(s.out) if s.opts.temperature > 0 else 0
+            plan.add.append(SeqSpec(s.id, s.owner, replace(s.opts, seed=s.seed), s.opts.logprobs,
+                                    s.opts.penalties(self.eos), len(s.prompt), skip))
+
+    def _grow_reservations(self, plan: StepPlan) -> bool:
+        """Every decoding sequence's reservation covers the context this step takes it to (prompt + its tokens);
+        where its rank has no room, that rank's newest sequences are preempted. Whether any was."""
+        preempted = False
+        for s in list(self.running.values()):  # oldest first: admission order
+            if s.id not in self.running or s.fed < len(s.feed):
+                continue  # preempted just now, or still prefilling (admission covered its feed)
+            n = len(s.prompt) + len(s.out)
+            while not self.budget.grow(s.id, n, self._ahead(s, n)):
+                victim = next(v for v in reversed(self.running.values()) if v.owner == s.owner)
+                self._preempt(victim, plan)
+                preempted = True
+                if victim is s:
+                    break
+        return preempted
+
+    def _preempt(self, s: _Seq, plan: StepPlan) -> None:
+        self.running.pop(s.id)
+        self._free(s)
+        plan.release.append(s.id)  # the executor drops its cache before this step allocates
+        s.feed, s.fed = s.prompt + s.out, 0
+        self.waiting.appendleft(s)  # victims go newest first: the oldest ends up at the head
+        self.metrics.preempted += 1
+        self.log(f"dsv4 serve: preempted request {s.id} ({len(s.feed)} tokens to recompute): the cache is full")
 
     def _deliver(self, plan: StepPlan, results: dict[int, TokenResult]) -> None:
         now = time.perf_counter()

@@ -42,6 +42,7 @@ class Metrics:
         self.step_tokens = 0  # prompt and decode tokens run through the model
         self.finished = 0
         self.cancelled = 0
+        self.preempted = 0
         self.rejected = 0
         self.gauges: dict[str, Any] = {"running": 0, "waiting": 0, "cache_capacity_tokens": 0,
                                        "cache_used_tokens": 0, "cache_usage_ratio": 0.0, "cache_bytes_total": 0,
@@ -67,7 +68,7 @@ class Metrics:
             "# HELP dsv4_cache_capacity_tokens Tokens of context the cache pools were sized for (--cache-tokens, "
             "all ranks).",
             "# TYPE dsv4_cache_capacity_tokens gauge", f"dsv4_cache_capacity_tokens {g['cache_capacity_tokens']}",
-            "# HELP dsv4_cache_used_tokens Context tokens (prompt + max_tokens) reserved by running sequences.",
+            "# HELP dsv4_cache_used_tokens Context tokens the running sequences' reservations cover.",
             "# TYPE dsv4_cache_used_tokens gauge", f"dsv4_cache_used_tokens {g['cache_used_tokens']}",
             "# HELP dsv4_cache_bytes_total Bytes of one rank's cache pools.",
             "# TYPE dsv4_cache_bytes_total gauge", f"dsv4_cache_bytes_total {g['cache_bytes_total']}",
@@ -81,6 +82,9 @@ class Metrics:
             "# TYPE dsv4_requests_finished_total counter", f"dsv4_requests_finished_total {self.finished}",
             "# HELP dsv4_requests_cancelled_total Requests whose client went away mid-generation.",
             "# TYPE dsv4_requests_cancelled_total counter", f"dsv4_requests_cancelled_total {self.cancelled}",
+            "# HELP dsv4_requests_preempted_total Preemptions: a sequence's cache released for room, to be "
+            "recomputed.",
+            "# TYPE dsv4_requests_preempted_total counter", f"dsv4_requests_preempted_total {self.preempted}",
             "# HELP dsv4_requests_rejected_total Requests refused because the waiting queue was full.",
             "# TYPE dsv4_requests_rejected_total counter", f"dsv4_requests_rejected_total {self.rejected}",
         ]

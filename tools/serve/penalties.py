@@ -14,7 +14,7 @@ A request that asks for none of them never comes here: its sampling is exactly `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,23 +39,33 @@ class Penalties:
                     or (self.min_tokens and self.min_tokens_stop))
 
 
-@dataclass
 class History:
-    """The tokens a sequence's penalties look at: its prompt (fed before its first sample) and its reply."""
+    """The tokens a sequence's penalties look at: its prompt and its reply. Tokens fed before its first sample are
+    the prompt, except past `n_prompt` (a sequence resumed after a preemption feeds prompt + reply so far)."""
 
-    prompt: list[int] = field(default_factory=list)
-    counts: dict[int, int] = field(default_factory=dict)  # reply token -> times sampled
-    n_out: int = 0
-    _seen: np.ndarray | None = None  # unique prompt ids, frozen at the first sample
+    def __init__(self, n_prompt: int | None = None):
+        self.n_prompt = n_prompt
+        self.prompt: list[int] = []
+        self.counts: dict[int, int] = {}  # reply token -> times in the reply
+        self.n_out = 0
+        self._seen: np.ndarray | None = None  # unique prompt ids, frozen at the first sample
 
     def fed(self, ids: list[int]) -> None:
-        if self.n_out == 0:
-            self.prompt.extend(ids)
+        if self._seen is not None:
+            return  # decoding: the token fed back was counted when it was sampled
+        for t in ids:
+            if self.n_prompt is None or len(self.prompt) < self.n_prompt:
+                self.prompt.append(t)
+            else:
+                self._count(t)
 
     def sampled(self, tok: int) -> None:
         if self._seen is None:
-            self._seen = np.unique(np.asarray(self.prompt, dtype=np.int64))
+            self._seen = self.prompt_ids()
             self.prompt = []
+        self._count(tok)
+
+    def _count(self, tok: int) -> None:
         self.counts[tok] = self.counts.get(tok, 0) + 1
         self.n_out += 1
 

@@ -42,6 +42,8 @@ class SeqSpec:
     sampling: SamplingParams  # with its seed set: the executor seeds the sequence's Generator with it
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     penalties: Penalties | None = None  # logits processing before sampling; None: none
+    n_prompt: int | None = None  # the request's prompt tokens: a resumed sequence's feed goes on with its reply
+    skip_draws: int = 0  # a resumed sequence: uniforms its Generator drew before (the host sampler draws 1 a token)
 
 
 @dataclass
@@ -85,9 +87,11 @@ class StepExecutor:
             if spec.owner == self.rank:
                 self.caches[spec.seq_id] = self.model.new_cache()
                 self.specs[spec.seq_id] = spec
-                self.rngs[spec.seq_id] = np.random.default_rng(spec.sampling.seed)
+                rng = self.rngs[spec.seq_id] = np.random.default_rng(spec.sampling.seed)
+                if spec.skip_draws:
+                    rng.random(spec.skip_draws)
                 if spec.penalties is not None:
-                    self.history[spec.seq_id] = History()
+                    self.history[spec.seq_id] = History(spec.n_prompt)
         mine = [it for it in plan.items if it.owner == self.rank]
         if not mine and not (forward_when_empty and plan.items):
             return {}
