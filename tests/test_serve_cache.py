@@ -230,6 +230,56 @@ def cli_built_server(lm, **flags):
         sock.close()
 
 
+class Watch:
+    """Checked at every trim (engine thread, inside a forward: nothing else moves the reservations): blocks in use
+    within the reservations, these within the pools; the most blocks, running and waiting sequences seen."""
+
+    def __init__(self, engine, model):
+        self.engine, self.mgr = engine, model.caches
+        self.pools = dict(model.caches.capacity)
+        self.seen: dict[str, int] = {}
+        self.over: list[str] = []
+        self.most = {"running": 0, "waiting": 0}
+        watch_peaks(model.caches, self.seen, self._check)
+
+    def _check(self) -> None:
+        st = self.engine.stats()
+        for k, b in st["cache_blocks"].items():
+            if self.mgr.blocks_in_use()[k] > sum(b["reserved"]) or sum(b["reserved"]) > b["pool"]:
+                self.over.append(k)
+        for k in self.most:
+            self.most[k] = max(self.most[k], st[k])
+
+    def assert_bounded(self) -> None:
+        assert not self.over and all(self.seen[k] <= self.pools[k] for k in self.seen)
+
+
+def gated_burst(engine, ask, n: int) -> list[list[int]]:
+    """ask(0..n-1) from n threads; the engine's steps wait until all n requests reached it, so that they meet
+    full pools whatever the machine's load. -> each request's token ids."""
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = ask(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    engine.runner.gate.clear()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and engine.stats()["running"] + engine.stats()["waiting"] < n:
+        time.sleep(0.02)
+    engine.runner.gate.set()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return [results.get(i) for i in range(n)]
+
+
 def test_small_cache_tokens_makes_requests_wait_and_bounds_memory(lm):
     prompts = [[0, 7 + i, 400 + 11 * i, 33] for i in range(4)]
     max_tokens = 56  # 60 tokens of context each: two fit the pools of --cache-tokens 64, the others wait
@@ -238,47 +288,17 @@ def test_small_cache_tokens_makes_requests_wait_and_bounds_memory(lm):
               for p in prompts]
     with cli_built_server(lm, cache_tokens=64) as (port, engine, model, logs):
         assert any("cache pool for 64 tokens of context" in m and "MiB" in m for m in logs), logs
-        pools = dict(model.caches.capacity)
-        seen: dict[str, int] = {}
-        over: list[str] = []
-        most = {"running": 0, "waiting": 0}
-
-        def check() -> None:  # engine thread, inside a forward: nothing else moves the reservations
-            st = engine.stats()
-            for k, b in st["cache_blocks"].items():
-                if model.caches.blocks_in_use()[k] > sum(b["reserved"]) or sum(b["reserved"]) > b["pool"]:
-                    over.append(k)
-            most["running"] = max(most["running"], st["running"])
-            most["waiting"] = max(most["waiting"], st["waiting"])
-
-        watch_peaks(model.caches, seen, check)
+        watch = Watch(engine, model)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120.0, max_retries=0)
-        results: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
 
-        def run(i: int) -> None:
-            try:
-                results[i] = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens,
-                                                  temperature=0, extra_body={"ignore_eos": True}).choices[0].token_ids
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+        def ask(i: int) -> list[int]:
+            return c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].token_ids
 
-        engine.runner.gate.clear()
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120  # all four reach the engine before a second step runs
-        while time.monotonic() < deadline:
-            st = engine.stats()
-            if st["running"] + st["waiting"] == 4:
-                break
-            time.sleep(0.02)
-        engine.runner.gate.set()
-        for t in threads:
-            t.join(180)
-        assert not errors and [results.get(i) for i in range(4)] == expect
-        assert most["running"] == 2 and most["waiting"] >= 1, most  # two at a time, the others waited
-        assert not over and all(seen[k] <= pools[k] for k in seen)
+        assert gated_burst(engine, ask, 4) == expect
+        assert watch.most["running"] == 2 and watch.most["waiting"] >= 1, watch.most  # two at a time, two waited
+        watch.assert_bounded()
+        pools = watch.pools
         assert dict(model.caches.capacity) == pools  # fixed: never grew
         deadline = time.monotonic() + 30  # the finished sequences' blocks go back with the engine's next plan
         while time.monotonic() < deadline:
@@ -363,43 +383,12 @@ def test_preemption_admits_more_and_resumes_exactly(lm, capfd):
         for i, sp in ((0, {}), (2, {"temperature": 1.0, "seed": 7})):  # the server's replies are generate's
             assert alone[i] == generate(ref, [prompts[i]], SamplingParams(max_new_tokens=max_tokens,
                                                                         stop_on_eos=False, **sp)).output_ids[0]
-        pools = dict(model.caches.capacity)
-        seen: dict[str, int] = {}
-        over: list[str] = []
-        most = {"running": 0}
-
-        def check() -> None:
-            st = engine.stats()
-            for k, b in st["cache_blocks"].items():
-                if model.caches.blocks_in_use()[k] > sum(b["reserved"]) or sum(b["reserved"]) > b["pool"]:
-                    over.append(k)
-            most["running"] = max(most["running"], st["running"])
-
-        watch_peaks(model.caches, seen, check)
-        results: dict[int, list[int]] = {}
-        errors: list[BaseException] = []
-
-        def run(i: int) -> None:
-            try:
-                results[i] = ask(i)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        engine.runner.gate.clear()
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and engine.stats()["waiting"] + engine.stats()["running"] < 4:
-            time.sleep(0.02)
-        engine.runner.gate.set()
-        for t in threads:
-            t.join(300)
-        assert not errors and [results.get(i) for i in range(4)] == alone
-        assert most["running"] > 2, most  # more than the worst cases allow ran at once
+        watch = Watch(engine, model)
+        assert gated_burst(engine, ask, 4) == alone
+        assert watch.most["running"] > 2, watch.most  # more than the worst cases allow ran at once
         assert metric_value(port, "dsv4_requests_preempted_total") >= 1
         assert "dsv4 serve: preempted request" in capfd.readouterr().err  # the operator sees it in the log
-        assert not over and all(seen[k] <= pools[k] for k in seen)
+        watch.assert_bounded()
 
 
 def metric_value(port: int, name: str) -> float:
