@@ -176,6 +176,33 @@ def test_budget_accounts_per_rank_and_owner_prefers_a_rank_with_room(lm):
         budget.allocate(9, 100, 1)
 
 
+def test_budget_grows_a_reservation_and_a_decoding_one_drops_its_prefill_chunk(lm):
+    cfg = lm.cfg
+    chunk = 64
+    pools = serve_pools(cfg, 400, 200, chunk, 2)
+    mgr = PagedCacheManager(cfg, get_backend("cpu"), block_size=SERVE_BLOCK_SIZE, num_blocks=pools)
+    budget = BlockBudget(mgr, chunk, cache_tokens=400)
+
+    def reserved() -> dict[str, int]:
+        return {k: b["reserved"][0] for k, b in budget.stats()["cache_blocks"].items()}
+
+    budget.allocate(1, 40, 0)
+    assert reserved() == budget.need(40)
+    assert budget.grow(1, 40, 100) and reserved() == budget.need(40)  # covered already: unchanged
+    assert budget.grow(1, 41, 100) and reserved() == budget.need(100)  # grows ahead
+    assert budget.stats()["cache_used_tokens"] == 100
+    decode = budget.need(100, 1)
+    assert decode["swa"] < budget.need(100)["swa"]  # the window without a 64-row chunk on top
+    assert budget.grow(1, 60, 120, decoding=True) and reserved() == decode  # first decode call: gives back
+    assert all(decode[k] == budget.need(100)[k] for k in decode if not k.startswith(("swa", "state", "idx_state")))
+    # a rank without room for the growth: False, the reservation as it was
+    budget.allocate(2, 200, 0)
+    short = {k: pools[k] - n for k, n in reserved().items()}
+    big = next(n for n in range(100, 2000, 16) if any(budget.need(n, 1)[k] - decode[k] > short[k] for k in short))
+    assert not budget.grow(1, big, big, decoding=True) and reserved() == {k: decode[k] + budget.need(200)[k]
+                                                                         for k in decode}
+
+
 # ---- a server with a small --cache-tokens -------------------------------------------------------------------
 
 class GatedRunner(LocalRunner):

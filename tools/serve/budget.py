@@ -5,10 +5,11 @@ The served Model's PagedCacheManager gets fixed pools (`serve_pools`), sized fro
 tokens of context"): what T tokens need as sequences of --max-model-len at their peak per kind
 (common/paged_cache.py `sequence_peak_blocks`), plus one partial block per sequence slot. `BlockBudget` (the
 engine's `CacheBudget`) reserves, when it admits a sequence and again as it grows, the peak blocks per kind of the
-context it may reach before its next growth, run in calls of at most --max-batched-tokens
-(`PagedCacheManager.peak_blocks`: the sliding kinds hold their window / open compressor groups plus one call's rows
-before the trim that follows each forward). The reservations of the running sequences never exceed the pools, so
-no forward call can hit CacheFull; the engine preempts a sequence when its rank has no room for one to grow.
+context it may reach before its next growth, run in calls of at most --max-batched-tokens while it prefills and of
+one token once it decodes (`PagedCacheManager.peak_blocks`: the sliding kinds hold their window / open compressor
+groups plus one call's rows before the trim that follows each forward). The reservations of the running sequences
+never exceed the pools, so no forward call can hit CacheFull; the engine preempts a sequence when its rank has no
+room for one to grow.
 
 Multi-rank: every rank builds the same pools and a sequence lives on one rank (its owner), so rank 0 keeps one
 account per rank: arithmetic only, no collectives.
@@ -62,14 +63,16 @@ class BlockBudget:
         self.cache_tokens = cache_tokens
         self.pool = {k: manager.capacity[k] for k in manager.kinds_of_group(MAIN)}
         self._lock = threading.Lock()  # /metrics reads from the HTTP thread while the engine thread admits
-        self._held: dict[int, tuple[int, int, dict[str, int]]] = {}  # seq -> (owner, tokens, blocks per kind)
+        # seq -> (owner, tokens, blocks per kind, tokens per call the blocks allow for)
+        self._held: dict[int, tuple[int, int, dict[str, int], int]] = {}
         self._reserved = [dict.fromkeys(self.pool, 0) for _ in range(world)]
         self.need = functools.lru_cache(maxsize=4096)(self._need)
         self._in_use = in_use or (lambda: [manager.blocks_in_use()])
 
-    def _need(self, n_tokens: int) -> dict[str, int]:
-        """Peak blocks per kind of a sequence whose context grows to `n_tokens` (the engine feeds at most that)."""
-        return self.mgr.peak_blocks(n_tokens, self.chunk, MAIN)
+    def _need(self, n_tokens: int, chunk: int | None = None) -> dict[str, int]:
+        """Peak blocks per kind of a sequence whose context grows to `n_tokens` (the engine feeds at most that) in
+        calls of up to `chunk` tokens (default: a prefill chunk, --max-batched-tokens)."""
+        return self.mgr.peak_blocks(n_tokens, chunk or self.chunk, MAIN)
 
     def too_large(self, n_tokens: int) -> str | None:
         """Why a sequence of `n_tokens` can never be admitted (its peak exceeds a whole pool), or None."""
@@ -93,21 +96,24 @@ class BlockBudget:
                 raise RuntimeError(f"cache budget: rank {owner} has no room for {short} blocks")
             for k, n in need.items():
                 self._reserved[owner][k] += n
-            self._held[seq_id] = (owner, n_tokens, need)
+            self._held[seq_id] = (owner, n_tokens, need, self.chunk)
 
-    def grow(self, seq_id: int, n_tokens: int, want: int) -> bool:
+    def grow(self, seq_id: int, n_tokens: int, want: int, decoding: bool = False) -> bool:
         """Make the sequence's reservation cover `n_tokens` of context: True when it already does; else it grows
-        to `want` tokens (>= n_tokens) if its rank has room, or to `n_tokens`; False (unchanged) when neither fits."""
+        to `want` tokens (>= n_tokens) if its rank has room, or to `n_tokens`; False (unchanged) when neither fits.
+        `decoding`: its calls are one token from now on, so the sliding kinds no longer need a prefill chunk's rows
+        (its last chunk was trimmed after its forward): the first such call also gives those blocks back."""
+        chunk = 1 if decoding else self.chunk
         with self._lock:
-            owner, held, old = self._held[seq_id]
-            if n_tokens <= held:
+            owner, held, old, held_chunk = self._held[seq_id]
+            if n_tokens <= held and held_chunk == chunk:
                 return True
-            for target in (want, n_tokens):
-                new = self.need(target)
+            for target in (want, n_tokens) if n_tokens > held else (held,):
+                new = self.need(target, chunk)
                 if all(self._reserved[owner][k] - old[k] + n <= self.pool[k] for k, n in new.items()):
                     for k, n in new.items():
                         self._reserved[owner][k] += n - old[k]
-                    self._held[seq_id] = (owner, target, new)
+                    self._held[seq_id] = (owner, target, new, chunk)
                     return True
             return False
 
@@ -116,7 +122,7 @@ class BlockBudget:
             held = self._held.pop(seq_id, None)
             if held is None:
                 return
-            owner, _, need = held
+            owner, _, need, _ = held
             for k, n in need.items():
                 self._reserved[owner][k] -= n
 
@@ -125,7 +131,7 @@ class BlockBudget:
         rank's pools; in use over all ranks), and the usage ratio of the tightest pool."""
         with self._lock:
             reserved = [dict(r) for r in self._reserved]
-            tokens = sum(t for _, t, _ in self._held.values())
+            tokens = sum(t for _, t, _, _ in self._held.values())
         in_use = self._in_use()
         block_bytes = {k: self.mgr.block_bytes(k) for k in self.pool}
         ratio = max((sum(r[k] for r in reserved) / (self.pool[k] * self.world) for k in self.pool if self.pool[k]),

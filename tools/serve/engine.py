@@ -46,7 +46,7 @@ class CacheBudget(Protocol):
     def too_large(self, n_tokens: int) -> str | None: ...  # why it could never be admitted, or None
     def ranks_with_room(self, n_tokens: int) -> list[int]: ...  # ranks that can hold it now
     def allocate(self, seq_id: int, n_tokens: int, owner: int) -> None: ...
-    def grow(self, seq_id: int, n_tokens: int, want: int) -> bool: ...  # covers n_tokens (want if room)?
+    def grow(self, seq_id: int, n_tokens: int, want: int, decoding: bool) -> bool: ...  # n_tokens covered?
     def release(self, seq_id: int) -> None: ...
     def stats(self) -> dict[str, Any]: ...  # gauges: cache_capacity_tokens, cache_used_tokens, ...
 
@@ -348,7 +348,7 @@ class Engine:
             if s.id not in self.running or s.fed < len(s.feed):
                 continue  # preempted just now, or still prefilling (admission covered its feed)
             n = len(s.prompt) + len(s.out)
-            while not self.budget.grow(s.id, n, self._ahead(s, n)):
+            while not self.budget.grow(s.id, n, self._ahead(s, n), decoding=True):
                 victim = next(v for v in reversed(self.running.values()) if v.owner == s.owner)
                 self._preempt(victim, plan)
                 preempted = True
