@@ -92,6 +92,14 @@ def http_client(port: int):
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600.0)
 
 
+def counter(port: int, name: str) -> float:
+    """A counter's value from the server's /metrics."""
+    for line in http_client(port).get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise RuntimeError(f"{name} missing from /metrics")
+
+
 def run_sequential(port: int, prompts, refs, max_tokens: int, n: int) -> tuple[float, int]:
     """-> (tokens/s, requests that differ from the reference) of n requests one at a time."""
     client = http_client(port)
@@ -223,10 +231,12 @@ def main() -> int:
             seq, bad = run_sequential(port, prompts, refs, args.max_tokens, args.sequential)
             print(f"one request at a time: {args.sequential} requests, {seq:.2f} tok/s"
                   f"{'' if not bad else f', {bad} differ from dsv4 generate'}", flush=True)
+            pre = counter(port, "dsv4_requests_preempted_total")
             r = run_concurrent(port, prompts, refs, args.max_tokens, c, args.duration)
+            pre = counter(port, "dsv4_requests_preempted_total") - pre
             print(f"{c:3d} concurrent streaming clients: {r['requests']} requests, {r['tokens']} tokens in "
                   f"{r['seconds']:.1f}s = {r['tok_s']:.2f} tok/s ({r['tok_s'] / seq:.2f}x one-at-a-time), "
-                  f"TTFT p50 {r['ttft_p50']:.2f}s, errors {len(r['errors'])}", flush=True)
+                  f"TTFT p50 {r['ttft_p50']:.2f}s, errors {len(r['errors'])}, preemptions {pre:.0f}", flush=True)
             for e in r["errors"][:5]:
                 print(f"  {e}")
             failed |= bool(r["errors"]) or r["requests"] == 0 or bad > 0
