@@ -32,7 +32,6 @@ from common.chat import (
 from common.generate import SEED_END
 
 from .engine import Engine, EngineUnavailable, Event, Options, QueueFull, RequestTooLarge
-from .penalties import BIAS_RANGE, PENALTY_RANGE
 
 MAX_TOP_LOGPROBS = 20
 
@@ -99,13 +98,11 @@ def _options(body: dict, cfg: ServeConfig, prompt_len: int, default_max: int | N
     temperature = float(_num(body, "temperature", 1.0, 0, 2))
     top_p = float(_num(body, "top_p", 1.0, 0, 1, lo_open=True))
     seed = _num(body, "seed", None, 0, SEED_END - 1, integer=True)
-    lo, hi = PENALTY_RANGE
-    presence = float(_num(body, "presence_penalty", 0.0, lo, hi))
-    frequency = float(_num(body, "frequency_penalty", 0.0, lo, hi))
-    repetition = float(_num(body, "repetition_penalty", 1.0, 0, lo_open=True))
-    min_tokens = _num(body, "min_tokens", 0, 0, integer=True)
-    if min_tokens > max_tokens:
-        raise ApiError(400, f"'min_tokens' ({min_tokens}) must not exceed {key} ({max_tokens})", "min_tokens")
+    # the penalties' and min_tokens' ranges are Options' checks (one place): here only their JSON types
+    presence = float(_num(body, "presence_penalty", 0.0))
+    frequency = float(_num(body, "frequency_penalty", 0.0))
+    repetition = float(_num(body, "repetition_penalty", 1.0))
+    min_tokens = _num(body, "min_tokens", 0, integer=True)
     try:
         return Options(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
                        seed=seed, stop_on_eos=not body.get("ignore_eos", False), stop=stop, stop_token_ids=stop_ids,
@@ -118,22 +115,20 @@ def _options(body: dict, cfg: ServeConfig, prompt_len: int, default_max: int | N
 
 
 def _logit_bias(body: dict, cfg: ServeConfig) -> dict[int, float]:
-    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}, ids in the vocabulary."""
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}, ids in the vocabulary (the biases' range
+    is Options' check)."""
     raw = body.get("logit_bias")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
-    lo, hi = BIAS_RANGE
     out = {}
     for k, v in raw.items():
         tok = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else None
         if tok is None or not 0 <= tok < cfg.vocab_size:
             raise ApiError(400, f"'logit_bias' key {k!r} is not a token id in [0, {cfg.vocab_size})", "logit_bias")
-        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                or not lo <= v <= hi):
-            raise ApiError(400, f"'logit_bias' value for token {tok} must be a number in [{lo:g}, {hi:g}], got "
-                                f"{v!r}", "logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ApiError(400, f"'logit_bias' value for token {tok} must be a number, got {v!r}", "logit_bias")
         out[tok] = float(v)
     return out
 
